@@ -75,6 +75,14 @@ def _label(src: ImageSource, name: str | None) -> str:
     return os.fspath(src)
 
 
+def _reason(e: BaseException) -> str:
+    """Short text of a decoder exception (Pillow's "cannot identify" names a BytesIO object)."""
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "the decoder cannot parse the file structure"
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if not text or isinstance(e, (KeyError, IndexError, struct.error)) else text
+
+
 def sniff_format(data: bytes, *, name: str | None = None) -> str:
     """Image format of encoded ``data`` from its magic bytes.
 
@@ -157,7 +165,7 @@ def _open_pil(data: bytes, fmt: str, label: str, max_pixels: int) -> Image.Image
     except Image.DecompressionBombError as e:
         raise DataError(label, f"decompression bomb: {e}") from None
     except _DECODE_ERRORS as e:
-        raise DataError(label, f"truncated or corrupt {fmt.upper()} header: {e}") from e
+        raise DataError(label, f"truncated or corrupt {fmt.upper()} header: {_reason(e)}") from e
     _check_pixels(im.size, label, max_pixels)
     try:
         if getattr(im, "n_frames", 1) > 1:
@@ -166,7 +174,7 @@ def _open_pil(data: bytes, fmt: str, label: str, max_pixels: int) -> Image.Image
         bits = _bit_depth(im, fmt, data)
         im = ImageOps.exif_transpose(im)
     except _DECODE_ERRORS as e:
-        raise DataError(label, f"truncated or corrupt image ({fmt.upper()}): {e}") from e
+        raise DataError(label, f"truncated or corrupt image ({fmt.upper()}): {_reason(e)}") from e
     return _normalise_mode(im, bits, label)
 
 
@@ -409,7 +417,7 @@ def image_size(src: ImageSource, *, name: str | None = None) -> tuple[int, int]:
             with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
                 w, h = im.size
     except _DECODE_ERRORS + (Image.DecompressionBombError,) as e:
-        raise DataError(label, f"truncated or corrupt {fmt.upper()} header: {e}") from e
+        raise DataError(label, f"truncated or corrupt {fmt.upper()} header: {_reason(e)}") from e
     return h, w
 
 
