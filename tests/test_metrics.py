@@ -1,0 +1,388 @@
+"""Tests of covidmt_jax.metrics on hand-made arrays with known answers."""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from covidmt_jax import metrics as M
+
+
+# ------------------------------------------------------------------------------------- PI
+def test_pi_score_counts_flips_with_greater_equal_threshold():
+    orig = np.array([0.2, 0.5, 0.7, 0.49])
+    trans = np.array([0.6, 0.49, 0.8, 0.1])
+    # decisions at 0.5 (>=): orig 0 1 1 0, trans 1 0 1 0 -> pairs 0 and 1 flip
+    assert M.pi_score(orig, trans) == pytest.approx(50.0)
+    # at 0.65: orig 0 0 1 0, trans 0 0 1 0 -> no flip
+    assert M.pi_score(orig, trans, threshold=0.65) == 0.0
+    # at 0.15: orig 1 1 1 1, trans 1 1 1 0 -> one flip of four
+    assert M.pi_score(orig, trans, threshold=0.15) == pytest.approx(25.0)
+
+
+def test_pi_score_accepts_boolean_decisions():
+    a = np.array([True, False, True, True, False])
+    b = np.array([True, True, False, True, False])
+    assert M.pi_score(a, b) == pytest.approx(40.0)
+    assert M.pi_score(a, b, threshold=0.99) == pytest.approx(40.0)  # threshold ignored for bools
+
+
+def test_pi_score_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        M.pi_score([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="NaN"):
+        M.pi_score([0.1, np.nan], [0.1, 0.2])
+    with pytest.raises(ValueError, match="empty"):
+        M.pi_score([], [])
+
+
+# ------------------------------------------------------------------------------------- IOL
+def _iol_case():
+    cam = np.zeros((4, 4, 4), np.float32)
+    lung = np.zeros((4, 4, 4), bool)
+    # image 0: region = top-left 2x2 (0.5 counts, >=), lung = column 0 -> 2 of 4 inside
+    cam[0] = [[1.0, 0.8, 0.0, 0.0],
+              [0.6, 0.5, 0.2, 0.0],
+              [0.0, 0.49, 0.0, 0.0],
+              [0.0, 0.0, 0.0, 0.0]]
+    lung[0, :, 0] = True
+    # image 1: constant CAM normalised to zeros -> empty heat map -> NaN
+    lung[1] = True
+    # image 2: all-lung mask -> 1 whatever the region
+    cam[2] = np.linspace(0, 1, 16).reshape(4, 4)
+    lung[2] = True
+    # image 3: region = right column, lung = left half -> 0
+    cam[3, :, 3] = 1.0
+    lung[3, :, :2] = True
+    return cam, lung
+
+
+def test_iol_hand_drawn_masks():
+    cam, lung = _iol_case()
+    got = M.iol(cam, lung)
+    assert isinstance(got, np.ndarray) and got.shape == (4,)
+    assert got[0] == pytest.approx(0.5)
+    assert np.isnan(got[1])
+    assert got[2] == 1.0
+    assert got[3] == 0.0
+
+
+def test_iol_lung_probabilities_threshold_at_half_and_channel_axis():
+    cam, lung = _iol_case()
+    probs = np.where(lung, 0.5, 0.49).astype(np.float32)[..., None]  # [B, H, W, 1], 0.5 is lung
+    np.testing.assert_array_equal(M.iol(cam, probs), M.iol(cam, lung))
+    # lung probabilities just below 0.5 -> no lung at all -> IOL 0 where H is non-empty
+    got = M.iol(cam, np.full(cam.shape, 0.49, np.float32))
+    np.testing.assert_array_equal(got[[0, 2, 3]], 0.0)
+
+
+def test_iol_cam_threshold_is_configurable():
+    cam, lung = _iol_case()
+    # at 0.9 image 0's region is the single pixel (0, 0), which is lung
+    assert M.iol(cam, lung, cam_threshold=0.9)[0] == 1.0
+    # at 0.2 image 0's region is {1, .8, .6, .5, .2, .49} (6 pixels); lung column 0 holds 1 and .6
+    assert M.iol(cam, lung, cam_threshold=0.2)[0] == pytest.approx(2 / 6)
+
+
+def test_heatmap_region():
+    cam, _ = _iol_case()
+    r = M.heatmap_region(cam[0])
+    assert r.dtype == bool and r.sum() == 4 and r[1, 1] and not r[2, 1]
+
+
+def test_iol_jit_matches_numpy():
+    rng = np.random.default_rng(0)
+    cam = rng.random((6, 16, 16)).astype(np.float32)
+    cam = (cam - cam.min(axis=(1, 2), keepdims=True)) / np.ptp(cam, axis=(1, 2), keepdims=True)
+    cam[2] = 0.0  # empty heat map
+    lung = rng.random((6, 16, 16)).astype(np.float32)
+    want = M.iol(cam, lung)
+    got = jax.jit(M.iol, static_argnames="cam_threshold")(jnp.asarray(cam), jnp.asarray(lung))
+    assert isinstance(got, jax.Array) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, equal_nan=True)
+    assert np.isnan(want[2]) and np.isfinite(np.delete(want, 2)).all()
+    # traced threshold too
+    got2 = jax.jit(M.iol)(jnp.asarray(cam), jnp.asarray(lung) >= 0.5, 0.7)
+    np.testing.assert_allclose(np.asarray(got2), M.iol(cam, lung, 0.7), rtol=1e-6, equal_nan=True)
+
+
+def test_iol_shape_errors():
+    with pytest.raises(ValueError, match="does not match"):
+        M.iol(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+    with pytest.raises(ValueError, match=r"\[B, H, W\]"):
+        M.iol(np.zeros((4, 4)), np.zeros((4, 4)))
+
+
+# ------------------------------------------------------------------------------------- OLS
+def test_ols_score_and_empty_modes():
+    v = np.array([0.1, 0.39, 0.4, 0.9, np.nan])
+    assert M.ols_score(v) == pytest.approx(50.0)              # 2 of the 4 defined are < 0.4
+    assert M.ols_score(v, empty="out") == pytest.approx(60.0)  # NaN counted out-of-lung
+    assert M.ols_score(v, empty="in") == pytest.approx(40.0)
+    assert M.ols_score(v, eta=0.95) == pytest.approx(100.0)
+    assert M.ols_score(v, eta=0.1) == 0.0                      # strict <
+    c = M.ols_counts(v)
+    assert (c["n_total"], c["n_used"], c["n_empty"], c["n_out"]) == (5, 4, 1, 2)
+    assert math.isnan(M.ols_score([np.nan, np.nan]))
+
+
+def test_ols_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty must be"):
+        M.ols_score([0.5], empty="zero")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        M.ols_score([1.5])
+
+
+def test_ols_from_iol_end_to_end():
+    cam, lung = _iol_case()
+    v = M.iol(cam, lung)  # 0.5, nan, 1, 0
+    assert M.ols_score(v) == pytest.approx(100 / 3)
+    assert M.ols_score(v, eta=0.6) == pytest.approx(200 / 3)
+
+
+# ------------------------------------------------------------------------------- classification
+LABELS = np.array([1, 1, 1, 0, 0, 0, 0])
+PROBS = np.array([0.9, 0.5, 0.2, 0.1, 0.6, 0.3, 0.4])
+
+
+def test_confusion_sensitivity_specificity_accuracy():
+    # decisions at 0.5: 1 1 0 0 1 0 0
+    assert M.confusion(LABELS, PROBS) == {"tp": 2, "fp": 1, "tn": 3, "fn": 1}
+    assert M.sensitivity(LABELS, PROBS) == pytest.approx(2 / 3)
+    assert M.specificity(LABELS, PROBS) == pytest.approx(3 / 4)
+    assert M.accuracy(LABELS, PROBS) == pytest.approx(5 / 7)
+    assert M.sensitivity(LABELS, PROBS, threshold=0.95) == 0.0
+    assert M.specificity(LABELS, PROBS, threshold=0.95) == 1.0
+    assert math.isnan(M.sensitivity([0, 0], [0.1, 0.9]))
+    assert math.isnan(M.specificity([1, 1], [0.1, 0.9]))
+
+
+def test_labels_must_be_binary():
+    with pytest.raises(ValueError, match="0/1"):
+        M.accuracy([0, 2], [0.1, 0.9])
+
+
+def _brute_auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0) + 0.5 * (diff == 0)).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) * 0.6 + 0.3 * y, 1)  # one decimal -> many ties
+    assert len(np.unique(s)) < 15
+    assert M.roc_auc(y, s) == pytest.approx(_brute_auc(y, s), abs=1e-12)
+
+
+def test_roc_auc_special_cases():
+    y = np.array([0, 0, 0, 1, 1])
+    assert M.roc_auc(y, [0.1, 0.2, 0.3, 0.8, 0.9]) == 1.0
+    assert M.roc_auc(y, [0.9, 0.8, 0.7, 0.2, 0.1]) == 0.0
+    assert M.roc_auc(y, np.full(5, 0.5)) == 0.5
+    assert math.isnan(M.roc_auc([1, 1], [0.2, 0.3]))
+    # hand: pos {0.5, 0.9}, neg {0.1, 0.5, 0.95}: pairs 1 + .5 + 0 + 1 + 1 + 0 = 3.5 of 6
+    assert M.roc_auc([1, 1, 0, 0, 0], [0.5, 0.9, 0.1, 0.5, 0.95]) == pytest.approx(3.5 / 6)
+
+
+def test_classification_report():
+    r = M.classification_report(LABELS, PROBS, 0.5)
+    assert (r["n"], r["n_pos"], r["n_neg"], r["tp"], r["fn"]) == (7, 3, 4, 2, 1)
+    assert r["accuracy"] == pytest.approx(5 / 7)
+    assert r["roc_auc"] == pytest.approx(_brute_auc(LABELS, PROBS))
+    with pytest.raises(ValueError, match="scores"):
+        M.classification_report(LABELS, PROBS >= 0.5)
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def _pairs(n, flip_rate, seed):
+    rng = np.random.default_rng(seed)
+    orig = rng.random(n)
+    flip = rng.random(n) < flip_rate
+    trans = np.where(flip, 1.0 - orig, orig)
+    trans = np.where(np.abs(orig - 0.5) < 1e-3, orig, trans)
+    return orig, trans
+
+
+def test_bootstrap_ci_contains_point_and_shrinks_with_n():
+    small = M.pi_score_ci(*_pairs(200, 0.07, 0), n_boot=1000)
+    big = M.pi_score_ci(*_pairs(10_000, 0.07, 1), n_boot=1000)
+    for point, lo, hi in (small, big):
+        assert lo <= point <= hi and lo < hi
+    assert (big[2] - big[1]) < 0.3 * (small[2] - small[1])
+    # large N: close to the normal approximation 2 * 1.96 * sqrt(p (1 - p) / N)
+    p = big[0] / 100
+    assert big[2] - big[1] == pytest.approx(200 * 1.96 * math.sqrt(p * (1 - p) / 10_000), rel=0.15)
+
+
+def test_bootstrap_vectorized_equals_loop_and_is_deterministic():
+    orig, trans = _pairs(500, 0.1, 3)
+    vec = M.pi_score_ci(orig, trans, n_boot=300, seed=7)
+    loop = M.bootstrap_ci(M.pi_score, orig, trans, n_boot=300, seed=7)
+    assert vec == pytest.approx(loop)
+    assert M.pi_score_ci(orig, trans, n_boot=300, seed=7) == vec
+    assert M.pi_score_ci(orig, trans, n_boot=300, seed=8) != vec
+    # chunked index drawing gives the same resamples whatever the chunk size
+    small_chunks = M.bootstrap_ci(M.pi_score, orig, trans, n_boot=300, seed=7, max_chunk_elems=700)
+    assert small_chunks == pytest.approx(loop)
+
+
+def test_bootstrap_is_fast_for_10k_pairs():
+    orig, trans = _pairs(10_000, 0.05, 4)
+    t0 = time.perf_counter()
+    M.pi_score_ci(orig, trans, n_boot=2000)
+    assert time.perf_counter() - t0 < 10.0
+
+
+def test_bootstrap_resamples_pairs_jointly():
+    # a statistic that is exactly 0 only if the two arrays stay aligned
+    x = np.arange(50.0)
+    _, lo, hi = M.bootstrap_ci(lambda a, b: np.abs(a - b).sum(), x, x.copy(), n_boot=50)
+    assert lo == hi == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        M.bootstrap_ci(np.mean, x, x[:10])
+
+
+def test_ols_score_ci():
+    rng = np.random.default_rng(5)
+    v = rng.random(400)
+    v[:40] = np.nan
+    point, lo, hi = M.ols_score_ci(v, n_boot=500)
+    assert point == pytest.approx(M.ols_score(v))
+    assert lo <= point <= hi
+    p_out, lo_out, hi_out = M.ols_score_ci(v, empty="out", n_boot=500)
+    assert p_out == pytest.approx(M.ols_score(v, empty="out")) and lo_out <= p_out <= hi_out
+
+
+# ------------------------------------------------------------------------------------- McNemar
+def test_mcnemar_exact_known_value():
+    r = M.mcnemar_from_counts(10, 2)
+    assert r["method"] == "exact"
+    # 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
+    assert r["p_value"] == pytest.approx(158 / 4096, rel=1e-12)
+    assert M.mcnemar_from_counts(0, 0)["p_value"] == 1.0
+    assert M.mcnemar_from_counts(5, 5)["p_value"] == 1.0
+
+
+def test_mcnemar_chi_square_hand_computation():
+    r = M.mcnemar_from_counts(40, 20)
+    assert r["method"] == "chi2"
+    assert r["statistic"] == pytest.approx(19 ** 2 / 60)
+    assert r["p_value"] == pytest.approx(0.014171, abs=2e-6)  # chi2(1) tail at 6.0167
+    stats = pytest.importorskip("scipy.stats")
+    assert r["p_value"] == pytest.approx(stats.chi2.sf(19 ** 2 / 60, 1), rel=1e-10)
+    assert M.mcnemar_from_counts(30, 30)["p_value"] == 1.0
+    assert M.mcnemar_from_counts(13, 12)["method"] == "chi2"      # b + c = 25
+    assert M.mcnemar_from_counts(12, 12)["method"] == "exact"     # b + c = 24
+
+
+def test_mcnemar_exact_matches_scipy_binomial():
+    stats = pytest.importorskip("scipy.stats")
+    for b, c in [(1, 7), (3, 0), (9, 14), (100, 80)]:
+        want = min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5))
+        assert M.mcnemar_from_counts(b, c, exact=True)["p_value"] == pytest.approx(want, rel=1e-9)
+
+
+def test_mcnemar_from_arrays_and_labels():
+    # 10 pairs right only on the original, 2 right only on the transmitted, 30 concordant
+    correct_orig = np.r_[np.ones(10), np.zeros(2), np.ones(20), np.zeros(10)].astype(bool)
+    correct_trans = np.r_[np.zeros(10), np.ones(2), np.ones(20), np.zeros(10)].astype(bool)
+    r = M.mcnemar(correct_orig, correct_trans)
+    assert (r["b"], r["c"]) == (10, 2) and r["p_value"] == pytest.approx(158 / 4096)
+    labels = np.random.default_rng(0).integers(0, 2, len(correct_orig))
+    pred_orig = np.where(correct_orig, labels, 1 - labels)
+    pred_trans = np.where(correct_trans, labels, 1 - labels)
+    assert M.mcnemar(pred_orig, pred_trans, labels=labels) == r
+    with pytest.raises(ValueError, match="first"):
+        M.mcnemar([0.3, 1], [0, 1])
+
+
+# ------------------------------------------------------------------------------------ detection
+def test_box_iou():
+    a = np.array([[0, 0, 10, 10], [5, 5, 15, 15]])
+    b = np.array([[0, 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [3, 3, 3, 3]])
+    got = M.box_iou(a, b)
+    assert got.shape == (2, 4)
+    np.testing.assert_allclose(got[0], [1.0, 0.6, 0.0, 0.0])
+    np.testing.assert_allclose(got[1], [25 / 175, 5 / 155, 0.0, 0.0])
+    assert M.box_iou(np.zeros((0, 4)), b).shape == (0, 4)
+    with pytest.raises(ValueError, match="xyxy"):
+        M.box_iou([[10, 0, 0, 10]], b)
+
+
+GT_A = [0, 0, 10, 10]
+
+
+def test_rsna_map_hand_cases():
+    assert M.rsna_map([[GT_A]], [[0.9]], [[GT_A]]) == 1.0
+    # one extra false positive -> TP/(TP+FP) = 1/2 at every threshold
+    assert M.rsna_map([[GT_A, [50, 50, 60, 60]]], [[0.9, 0.8]], [[GT_A]]) == 0.5
+    # missed GT -> 0; predictions on an image without GT -> 0
+    assert M.rsna_map([np.zeros((0, 4))], [[]], [[GT_A]]) == 0.0
+    assert M.rsna_map([[GT_A]], [[0.5]], [np.zeros((0, 4))]) == 0.0
+    # IoU exactly 0.6 hits at 0.40 .. 0.55 only (strict >): 4 of 8 thresholds
+    assert M.rsna_map([[[0, 0, 10, 6]]], [[0.7]], [[GT_A]]) == pytest.approx(0.5)
+
+
+def test_rsna_map_skips_empty_images_and_averages_over_images():
+    preds = [[GT_A], np.zeros((0, 4)), [[0, 0, 10, 6]]]
+    scores = [[0.9], [], [0.7]]
+    gts = [[GT_A], np.zeros((0, 4)), [GT_A]]
+    per = M.rsna_image_scores(preds, scores, gts)
+    assert per[0] == 1.0 and np.isnan(per[1]) and per[2] == pytest.approx(0.5)
+    assert M.rsna_map(preds, scores, gts) == pytest.approx(0.75)
+    assert math.isnan(M.rsna_map([np.zeros((0, 4))], [[]], [np.zeros((0, 4))]))
+
+
+def test_rsna_map_evaluates_in_score_order():
+    gts = [[GT_A, [10, 0, 20, 10]]]
+    wide = [0, 0, 19, 10]  # IoU 100/190 = .526 with A, 90/200 = .45 with B
+    # wide first: it takes A at t <= .5 and the exact copy of A becomes a FP -> 1/3 everywhere
+    assert M.rsna_map([[wide, GT_A]], [[0.9, 0.8]], gts) == pytest.approx(1 / 3)
+    # exact copy first: at t = .4 wide then takes B (.45 > .4) -> 1; else 1/3 -> (1 + 7/3) / 8
+    assert M.rsna_map([[wide, GT_A]], [[0.8, 0.9]], gts) == pytest.approx(5 / 12)
+
+
+def test_rsna_map_default_thresholds_and_errors():
+    np.testing.assert_array_equal(M.RSNA_IOU_THRESHOLDS,
+                                  [0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75])
+    with pytest.raises(ValueError, match="scores"):
+        M.rsna_map([[GT_A]], [[0.9, 0.1]], [[GT_A]])
+    with pytest.raises(ValueError, match="same images"):
+        M.rsna_map([[GT_A]], [[0.9]], [])
+
+
+# --------------------------------------------------------------------------------- segmentation
+def test_dice_hand_values_and_jit():
+    pred = np.zeros((3, 2, 2), bool)
+    true = np.zeros((3, 2, 2), bool)
+    pred[0, 0] = True                 # 2 pixels
+    true[0, 0, 0] = True              # 1 pixel, inside -> 2 * 1 / 3
+    pred[1] = true[1] = True          # identical -> 1
+    # image 2: both empty -> 1
+    got = M.dice(pred, true)
+    np.testing.assert_allclose(got, [2 / 3, 1.0, 1.0], rtol=1e-5)
+    probs = np.where(pred, 0.7, 0.2)[..., None]
+    np.testing.assert_allclose(M.dice(probs, true[..., None]), got, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(M.dice)(jnp.asarray(probs), jnp.asarray(true[..., None]))),
+                               got, rtol=1e-6)
+    assert M.dice(pred[:1], ~true[:1])[0] == pytest.approx(2 * 1 / 5, rel=1e-5)
+
+
+def test_soft_dice_loss():
+    t = np.zeros((2, 4, 4, 1), np.float32)
+    t[0, :2] = 1.0
+    assert np.asarray(M.soft_dice_loss(t, t, from_logits=False)) == pytest.approx([0.0, 0.0])
+    logits = np.where(t > 0, 20.0, -20.0)
+    assert np.asarray(M.soft_dice_loss(logits, t)) == pytest.approx([0.0, 0.0], abs=1e-6)
+    # probabilities 0.5 everywhere on image 0: 1 - (2*4 + 1) / (8 + 8 + 1)
+    half = np.full_like(t, 0.5)
+    assert float(M.soft_dice_loss(half, t, from_logits=False)[0]) == pytest.approx(1 - 9 / 17)
+    g = jax.grad(lambda x: M.soft_dice_loss(x, jnp.asarray(t)).mean())(jnp.zeros_like(t))
+    assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0
