@@ -44,6 +44,8 @@ __all__ = [
     "iter_csv",
     "IMAGE_EXTENSIONS",
     "is_image_name",
+    "index_files",
+    "patient_holdout",
 ]
 
 ON_ERROR = ("raise", "skip")
@@ -150,6 +152,15 @@ class Source:
     def ids(self) -> list[str]:
         return [r["id"] for r in self._records]
 
+    def subset(self, indices: Sequence[int], *, name: str | None = None) -> "Source":
+        """A source of the same kind holding only ``records[indices]`` (e.g. a train/val split)."""
+        sub = object.__new__(type(self))
+        sub.__dict__.update(self.__dict__)
+        sub._records = [self._records[int(i)] for i in indices]
+        sub.skipped = list(self.skipped)
+        sub.name = name or self.name
+        return sub
+
     # --- error handling ----------------------------------------------------------------
     def _bad(self, path: str | os.PathLike, problem: str) -> None:
         if self.on_error == "raise":
@@ -246,3 +257,49 @@ def iter_csv(path: str | os.PathLike, *, min_header: Sequence[str] = ()) -> Iter
 
 def as_path_str(p: Any) -> str:
     return os.fspath(p) if isinstance(p, os.PathLike) else str(p)
+
+
+def index_files(root: str | os.PathLike, *, names: Sequence[str] | None = None,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, Path]:
+    """Map file name -> path for every file under ``root`` (recursively, hidden entries
+    skipped) whose name ends with one of ``extensions`` (case-insensitive).
+
+    Nested release layouts (NIH's ``images_001/images/...``) resolve this way. The same file
+    name in two folders raises :class:`DataError` (which one is meant would be a guess).
+    ``names``: keep only these file names (saves memory on big trees).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "image folder not found" if not root.exists() else "not a folder")
+    wanted = set(names) if names is not None else None
+    exts = tuple(e.lower() for e in extensions)
+    out: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith(".") or not fn.lower().endswith(exts):
+                continue
+            if wanted is not None and fn not in wanted:
+                continue
+            p = Path(dirpath) / fn
+            if fn in out:
+                raise DataError(p, f"file name also found at {out[fn]}; cannot tell which one is meant")
+            out[fn] = p
+    return out
+
+
+def patient_holdout(patients: Sequence[str], fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices into (keep, holdout) by patient, so no patient is in both.
+
+    ``patients``: patient id of each sample; ``fraction`` of the distinct patients (rounded)
+    go to the holdout, chosen with ``numpy.random.default_rng(seed)`` over the sorted ids.
+    Returns two sorted int64 index arrays.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    uniq = sorted(set(patients))
+    n_hold = int(round(fraction * len(uniq)))
+    rng = np.random.default_rng(seed)
+    held = set(np.asarray(uniq, dtype=object)[rng.permutation(len(uniq))[:n_hold]].tolist())
+    mask = np.array([p in held for p in patients], dtype=bool)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
