@@ -32,7 +32,7 @@ def head_format(path: Path) -> str:
 
 def walk_images(root: str | os.PathLike, *, check_formats: bool = True,
                 bad: Callable[[str, str], None] | None = None) -> dict[Path, str]:
-    """Image files under ``root``: ``{relative path: format}`` in sorted walk order.
+    """Image files under ``root``: ``{relative path: format}`` sorted by relative path.
 
     ``format`` is the sniffed format (``""`` when ``check_formats`` is off). Files named like
     images that are not go to ``bad(path, problem)`` (raise when ``bad`` is None).
@@ -63,7 +63,7 @@ def walk_images(root: str | os.PathLike, *, check_formats: bool = True,
                 bad(e.path, e.problem)
                 continue
             out[p.relative_to(root)] = fmt
-    return out
+    return dict(sorted(out.items(), key=lambda kv: kv[0].as_posix()))
 
 
 @register_source("folder")
