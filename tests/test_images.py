@@ -267,6 +267,18 @@ def test_dicom_window_and_rescale():
     np.testing.assert_allclose(g2, a / 4095.0, atol=1e-6)
 
 
+def test_dicom_voi_lut_sequence():
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = (np.arange(4096) // 16).astype("<u2").tobytes()  # output 0..255
+    a = np.array([[0, 1024, 4095]], np.uint16)
+    g = I.load_grey(_dicom(a, bits_stored=12, VOILUTSequence=Sequence([item])))
+    np.testing.assert_allclose(g, [[0.0, 64 / 255, 1.0]], atol=1e-6)
+
+
 def test_dicom_bad_inputs():
     a = np.zeros((64, 64), np.uint16)
     data = _dicom(a, bits_stored=12)
@@ -292,3 +304,11 @@ def test_all_shared_samples_decode(shared_data):
     assert kinds == {"png", "jpeg", "dicom"}
     dcm = next(root.glob("*.dcm"))
     assert I.image_size(dcm) == (1024, 1024)
+
+
+def test_data_error_pickles_and_formats():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(DataError("a/b.png", "truncated")))
+    assert isinstance(e, ValueError) and str(e) == "a/b.png: truncated"
+    assert (e.path, e.problem) == ("a/b.png", "truncated")

@@ -302,10 +302,14 @@ def _open_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
         values = apply_modality_lut(arr, ds).astype(np.float64) if has_rescale else arr.astype(np.float64)
         if has_voi:
             if "VOILUTSequence" in ds:
-                out = apply_voi_lut(arr if not has_rescale else values, ds, index=0).astype(np.float64)
-                desc = ds.VOILUTSequence[0].LUTDescriptor
-                lut_bits = int(desc[2])
-                lo, hi = 0.0, float(2 ** lut_bits - 1)
+                # LUT tables index integer stored values; output range = the table's own range
+                lut_in = np.rint(values).astype(np.int64) if has_rescale else arr
+                out = apply_voi_lut(lut_in, ds, index=0).astype(np.float64)
+                span = np.arange(lo_raw, hi_raw + 1)
+                if has_rescale:
+                    span = np.rint(apply_modality_lut(span, ds)).astype(np.int64)
+                table = apply_voi_lut(span, ds, index=0)
+                lo, hi = float(table.min()), float(table.max())
             else:
                 center = float(_first(ds.WindowCenter))
                 width = float(_first(ds.WindowWidth))
