@@ -44,3 +44,4 @@ __all__ = ["SOURCES", "register_source", "get_source"]
 # The modules register their classes on import (they only need numpy and Pillow).
 from covidmt_jax.data.sources import covidx, folder, lungs, nih, rsna, wacxr  # noqa: E402,F401
 
+from covidmt_jax.data.sources import synthetic  # noqa: E402,F401  (synthetic_* phantom sources)
