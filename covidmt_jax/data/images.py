@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import warnings
 import zlib
 from pathlib import Path
 from typing import Union
@@ -158,10 +157,8 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
 
 def _open_pil(data: bytes, fmt: str, label: str, max_pixels: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # We enforce our own limit below; Pillow's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
+        # (no warnings.catch_warnings here: it is not thread-safe, and grain may use threads)
+        im = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
     except Image.DecompressionBombError as e:
         raise DataError(label, f"decompression bomb: {e}") from None
     except _DECODE_ERRORS as e:
@@ -416,10 +413,8 @@ def image_size(src: ImageSource, *, name: str | None = None) -> tuple[int, int]:
         except Exception as e:
             raise DataError(label, f"truncated or corrupt DICOM header: {type(e).__name__}: {e}") from e
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
-                w, h = im.size
+        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
+            w, h = im.size
     except _DECODE_ERRORS + (Image.DecompressionBombError,) as e:
         raise DataError(label, f"truncated or corrupt {fmt.upper()} header: {_reason(e)}") from e
     return h, w
