@@ -158,15 +158,18 @@ class Channel:
     # --- the channel -----------------------------------------------------------------------
     def prepare(self, image: ImageInput, *, name: str | None = None) -> Image.Image:
         """The 8-bit bitmap the app would encode: decoded, oriented, 8-bit, resized, in
-        ``color_mode``. Paths / bytes go through :func:`covidmt_jax.data.images.open_image`
+        ``color_mode``, without metadata. Paths / bytes go through :func:`covidmt_jax.data.images.open_image`
         (bad files raise :class:`DataError` naming the file)."""
-        im = _open_any(image, name=name)
-        im = _to_8bit(im)
+        src = _open_any(image, name=name)
+        im = _to_8bit(src)
         size = self.output_size(*im.size)
         if size != im.size:
             im = im.resize(size, _RESAMPLE[self.resample])
         if im.mode != self.color_mode:
             im = im.convert(self.color_mode)
+        if im is src:
+            im = im.copy()
+        im.info = {}  # a bare bitmap: Pillow would otherwise re-save e.g. a JPEG comment
         return im
 
     def transmit(self, image: ImageInput, *, name: str | None = None) -> bytes:
