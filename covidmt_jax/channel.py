@@ -84,7 +84,7 @@ def make_pairs(src: str | os.PathLike, dst: str | os.PathLike, channel: channels
     if not rels:
         raise DataError(src, f"no image files found (looked for names ending in {', '.join(IMAGE_EXTENSIONS)})")
     jobs = [(channel, str(src / r), str(out_orig / r), str(out_tx / r)) for r in rels]
-    every = progress_every or max(1, len(jobs) // 10)
+    every = progress_every or max(1, -(-len(jobs) // 10))  # about ten progress lines
     n_ok, bytes_in, bytes_out, skipped = 0, 0, 0, []
     t0 = time.perf_counter()
     log(f"{channel.describe()}\n{len(jobs)} images: {src} -> {out_orig.name}/ + {out_tx.name}/ in {dst}")

@@ -242,3 +242,16 @@ def test_pairs_source():
     assert "jpeg40" in rec["meta"]["channel"] and pairs.split == "test"
     wa = ssrc.SyntheticPairs(2, size=48, channel=channels.get_channel("whatsapp"), quality=65)
     assert wa.channel.quality == 65 and wa[0]["transmitted"] == wa[0]["transmitted"]
+
+
+def test_sources_pickle_for_workers():
+    import pickle
+
+    for src in (ssrc.SyntheticRSNA(5, size=32, seed=9, shortcut_strength=0.7),
+                ssrc.SyntheticPairs(3, size=32, channel="telegram")):
+        clone = pickle.loads(pickle.dumps(src))
+        a, b = src[np.int64(2)], clone[2]
+        assert a["id"] == b["id"] and a["meta"] == b["meta"]
+        for key in ("image", "original", "transmitted"):
+            if key in a:
+                assert a[key] == b[key]
