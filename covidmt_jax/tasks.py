@@ -194,7 +194,7 @@ class BoxTask(Task):
         coef = float(self.options.get("l2", 1e-4))
         if coef and model is not None:
             subnet = model.box_head.box_subnet
-            kernels = [c.kernel.value for c in subnet.convs] + [subnet.out.kernel.value]
+            kernels = [c.kernel[...] for c in subnet.convs] + [subnet.out.kernel[...]]
             l2 = coef * sum(jnp.sum(k.astype(jnp.float32) ** 2) for k in kernels)
         return reg_m + obj_m + l2, {"regression": reg_m, "objectness": obj_m, "l2": l2,
                                     "n": jnp.sum(w)}

@@ -196,4 +196,4 @@ def _assign(model: nnx.Module, values: list[tuple[tuple, np.ndarray]]) -> None:
         for k in p[:-1]:
             node = _child(node, k)
         var = getattr(node, p[-1])
-        var.value = jnp.asarray(arr, dtype=var.value.dtype)
+        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
