@@ -39,6 +39,11 @@ other key of ``features(x)`` when the model exposes ``features_from(layer, act) 
 recomputes the later features (at least ``"last_conv"``) from that stage's activation. Anything
 else raises ``ValueError``.
 
+Precision: the CAM arithmetic is float32 element-wise work (bfloat16 models are upcast after the
+gradient). The model's own convolutions follow JAX's matmul precision; on GPUs that default may
+use TF32, so wrap calls in ``jax.default_matmul_precision("highest")`` when comparing to a float32
+reference.
+
 Models: any zoo backbone (``features``, ``pool_and_classify``); ``output=`` selects the logit
 matrix from ``pool_and_classify``'s result for models whose head returns something else (e.g. a
 dict, or one task's columns of COVIDMT's ``[B, n_classification_tasks]``).
@@ -145,7 +150,7 @@ def _normalise_targets(targets: Targets, batch: int) -> jax.Array | None:
         return None
     if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         return jnp.full((batch,), int(targets), jnp.int32)
-    if isinstance(targets, (list, tuple)):
+    if not hasattr(targets, "dtype"):
         try:
             targets = np.asarray(targets)
         except ValueError as e:

@@ -216,6 +216,14 @@ def test_zoo_shapes_and_range(zoo_models, name, kw, px):
             assert cams[b].min() == 0 and cams[b].max() > 0.99
 
 
+def test_bfloat16_model_gives_float32_maps():
+    model = create("resnet18", num_classes=3, in_channels=1, dtype=jnp.bfloat16, rngs=0)
+    x = jnp.asarray(smooth_images(13, 2, 64, 64, 1))
+    cams = np.asarray(explain.gradcam(model, x, [0, 1]))
+    assert cams.dtype == np.float32 and cams.shape == (2, 64, 64)
+    assert np.all(np.isfinite(cams)) and cams.min() == 0 and cams.max() > 0.99
+
+
 def test_constant_input_no_nan(zoo_models):
     model = zoo_models("resnet18")
     for px in (32, 64):  # 32 px: a 1x1 last_conv map, so the CAM is flat -> all zeros
@@ -298,6 +306,8 @@ def test_bad_input(zoo_models):
         explain.gradcam(model, x, [0, 1, 2])
     with pytest.raises(ValueError, match="integer"):
         explain.gradcam(model, x, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="integer"):
+        explain.gradcam(model, x, True)
     with pytest.raises(ValueError, match="rectangular"):
         explain.gradcam(model, x, [[0, 1], [2]])
     with pytest.raises(ValueError, match=r"in \[0, 3\)"):
@@ -317,6 +327,7 @@ def test_make_cam_fn_equals_eager(zoo_models):
     raw_fn = explain.make_cam_fn(model, return_raw=True)
     cams, raw = raw_fn(x)
     e_cams, e_raw = explain.gradcam(model, x, return_raw=True)
+    np.testing.assert_allclose(np.asarray(cams), np.asarray(e_cams), atol=1e-5)
     np.testing.assert_allclose(np.asarray(raw), np.asarray(e_raw), rtol=1e-4, atol=1e-5)
 
 
