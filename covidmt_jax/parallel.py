@@ -1,0 +1,103 @@
+"""Devices, meshes and shardings: the one place that knows how arrays are laid out.
+
+- ``maybe_initialize_distributed()`` calls ``jax.distributed.initialize()`` when the process
+  is one of several (SLURM with more than one task, a multi-worker Cloud TPU VM, or an
+  explicit coordinator address); on one host it does nothing.
+- ``make_mesh(model_axis=1)``: a ``Mesh`` over all devices with axes ``("data", "model")``.
+- Batches are sharded over ``"data"``; parameters and optimiser state are replicated, or,
+  with ``model_axis > 1``, sharded along their largest dimension divisible by it
+  (FSDP-style parameter sharding).
+- ``global_batch``: host-local numpy batch -> global ``jax.Array`` with
+  ``jax.make_array_from_process_local_data``.
+
+BatchNorm statistics under ``jax.jit`` over a data-sharded global batch are computed over
+the *global* batch (XLA inserts the cross-device reductions), i.e. averaged over the data axis.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+
+def _multi_process_env() -> bool:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COVIDMT_MULTIHOST") == "1":
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts
+
+
+def maybe_initialize_distributed() -> bool:
+    """Initialise multi-process JAX when the environment says there are several processes."""
+    if not _multi_process_env():
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU and the coordinator env vars
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def make_mesh(model_axis: int = 1) -> Mesh:
+    """``Mesh`` of all devices, shape ``(n_devices // model_axis, model_axis)``."""
+    n = jax.device_count()
+    if model_axis < 1 or n % model_axis:
+        raise ValueError(f"model_axis={model_axis} must divide the device count {n}")
+    devices = np.asarray(jax.devices()).reshape(n // model_axis, model_axis)
+    return Mesh(devices, (DATA, MODEL))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``"data"``, the rest replicated."""
+    return NamedSharding(mesh, P(DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _param_spec(shape: tuple[int, ...], model_axis: int) -> P:
+    if model_axis <= 1 or not shape:
+        return P()
+    order = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in order:
+        if shape[i] % model_axis == 0 and shape[i] >= model_axis:
+            spec = [None] * len(shape)
+            spec[i] = MODEL
+            return P(*spec)
+    return P()
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """A sharding for every leaf of a (model, optimiser) state pytree."""
+    model_axis = mesh.shape[MODEL]
+    return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(tuple(np.shape(x)), model_axis)), state)
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+    n = mesh.shape[DATA]
+    if global_batch_size % n:
+        raise ValueError(f"the global batch of {global_batch_size} samples does not split over "
+                         f"{n} data-parallel devices; change the per-task batch size so that "
+                         f"it divides (e.g. --config.data.per_task_batch)")
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host-local numpy arrays (this process's share) -> global, data-sharded ``jax.Array``s.
+
+    Non-array entries (e.g. ``ids``) are dropped.
+    """
+    out = {}
+    for k, v in local.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
