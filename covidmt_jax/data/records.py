@@ -303,3 +303,41 @@ def patient_holdout(patients: Sequence[str], fraction: float, *, seed: int = 0) 
     held = set(np.asarray(uniq, dtype=object)[rng.permutation(len(uniq))[:n_hold]].tolist())
     mask = np.array([p in held for p in patients], dtype=bool)
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+class SourceView(Source):
+    """A read-only view of ``source`` restricted to ``indices`` (any source, list-backed or
+    computed on access, e.g. phantoms). Records are fetched from the parent on access."""
+
+    def __init__(self, source: Source, indices: Sequence[int], *, name: str | None = None):
+        self.parent = source
+        self.indices = np.asarray(indices, np.int64)
+        self.name = name or getattr(source, "name", "source")
+        self.label_names = tuple(getattr(source, "label_names", ()))
+        self.on_error = getattr(source, "on_error", "raise")
+        self.skipped = list(getattr(source, "skipped", []))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.parent[int(self.indices[i])]
+
+    @property
+    def ids(self) -> list[str]:
+        parent_ids = self.parent.ids
+        return [parent_ids[int(i)] for i in self.indices]
+
+
+def holdout_split(source: Source, fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep_idx, hold_idx)`` of ``source`` with ``fraction`` of its patients held out.
+
+    Patients come from ``meta["patient_id"]`` of list-backed sources (so no patient is on
+    both sides), otherwise from record ids.
+    """
+    records = getattr(source, "_records", None)
+    if records:
+        patients = [str(r.get("meta", {}).get("patient_id", r["id"])) for r in records]
+    else:
+        patients = list(source.ids)
+    return patient_holdout(patients, fraction, seed=seed)

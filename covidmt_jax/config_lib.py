@@ -1,0 +1,164 @@
+"""Training configuration: the defaults every ``configs/*.py`` starts from, and validation.
+
+Configs are data (``get_config()`` returning an ``ml_collections.ConfigDict``); the trainer
+reads them in one place. Layout::
+
+    seed, epochs, total_steps (-1: from epochs), steps_per_epoch (-1: from data sizes)
+    tasks                  task names in order (see covidmt_jax.tasks.PAPER_TASKS)
+    task_options.<task>    per-task loss options (box: regression, l2; threshold ...)
+    model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
+    init.torch_weights, init.source     ImageNet initialisation from a user-given file
+    data.image_size, data.per_task_batch, data.eval_batch_size, data.num_workers, data.augment
+    data.train.<dataset> / data.val.<dataset>:
+        source (a covidmt_jax.data.sources name), kwargs (its arguments),
+        holdout (fraction held out by id, 0 = none), holdout_seed, holdout_part ("keep"|"hold")
+    optimizer.name ("adam" | "adamw" | "sgd"), lr, b1, b2, eps, weight_decay, momentum,
+        milestones (epochs), decay, grad_clip (0 = off)
+    checkpoint.every_steps, checkpoint.keep
+    eval.every_epochs, eval.best_metric ("<task>/<metric>"), eval.best_mode ("max" | "min")
+    log_every_steps, mesh.model_axis
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from covidmt_jax.tasks import KINDS, TaskSpec, paper_tasks, tasks_from_names
+
+
+def dataset_entry(source: str, *, holdout: float = 0.0, holdout_part: str = "keep",
+                  holdout_seed: int = 0, **kwargs) -> ml_collections.ConfigDict:
+    """One ``data.train.<dataset>`` / ``data.val.<dataset>`` entry."""
+    return ml_collections.ConfigDict({"source": source, "kwargs": dict(kwargs), "holdout": holdout,
+                                      "holdout_part": holdout_part, "holdout_seed": holdout_seed})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's recipe (SPEC.md) with COVIDMT-ResNeXt-50 and all six tasks."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.epochs = 25
+    c.total_steps = -1
+    c.steps_per_epoch = -1
+    c.tasks = tuple(t.name for t in paper_tasks(6))
+    c.task_options = ml_collections.ConfigDict({
+        "box": {"regression": "squared", "l2": 1e-4, "score_threshold": 0.3},
+    })
+    c.model = ml_collections.ConfigDict({
+        "name": "covidmt", "in_channels": 1, "dtype": "float32",
+        "kwargs": {"backbone": "resnext50_32x4d", "transition_channels": (256,), "fpn_channels": 256},
+    })
+    c.init = ml_collections.ConfigDict({"torch_weights": "", "source": "torchvision"})
+    c.data = ml_collections.ConfigDict({
+        "image_size": 512, "per_task_batch": 4, "eval_batch_size": 16, "num_workers": 0,
+        "augment": True, "max_boxes": 8, "train": {}, "val": {},
+    })
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "adam", "lr": 2e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+        "momentum": 0.9, "milestones": (8, 16, 20), "decay": 0.1, "grad_clip": 0.0,
+    })
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
+    c.eval = ml_collections.ConfigDict({"every_epochs": 1, "best_metric": "covid/roc_auc",
+                                        "best_mode": "max"})
+    c.log_every_steps = 20
+    c.mesh = ml_collections.ConfigDict({"model_axis": 1})
+    return c
+
+
+def paper_data(c: ml_collections.ConfigDict, root: str = "/data") -> None:
+    """Point ``c.data`` at the three real datasets in their published layouts under ``root``
+    (``covidx/``, ``rsna/``, ``nih/``); change the paths with ``--config.data.train.<ds>.kwargs.*``."""
+    c.data.train = {
+        "covidx": dataset_entry("covidx", label_file=f"{root}/covidx/train_COVIDx3.txt",
+                                image_dir=f"{root}/covidx/train", upsample_covid=True),
+        "rsna": dataset_entry("rsna", labels_csv_or_zip=f"{root}/rsna/stage_2_train_labels.csv",
+                              image_dir=f"{root}/rsna/stage_2_train_images", holdout=0.25,
+                              holdout_part="keep"),
+        "nih": dataset_entry("nih", root=f"{root}/nih", split="train_val"),
+    }
+    c.data.val = {
+        "covidx": dataset_entry("covidx", label_file=f"{root}/covidx/test_COVIDx3.txt",
+                                image_dir=f"{root}/covidx/test"),
+        "rsna": dataset_entry("rsna", labels_csv_or_zip=f"{root}/rsna/stage_2_train_labels.csv",
+                              image_dir=f"{root}/rsna/stage_2_train_images", holdout=0.25,
+                              holdout_part="hold"),
+        "nih": dataset_entry("nih", root=f"{root}/nih", split="test"),
+    }
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"tasks=3,backbone=resnet50"`` (the ``--config file.py:ARG`` part) -> dict."""
+    out: dict[str, str] = {}
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def apply_task_count(c: ml_collections.ConfigDict, n: int | str) -> None:
+    """The paper's ablation: the first ``n`` tasks (COVID, box, Infiltration, ...)."""
+    tasks = paper_tasks(int(n))
+    c.tasks = tuple(t.name for t in tasks)
+    needed = {t.dataset for t in tasks}
+    for split in ("train", "val"):
+        entries = c.data[split]
+        for ds in list(entries.keys()):
+            if ds not in needed:
+                del entries[ds]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and why."""
+
+
+def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
+    """Check a config before anything expensive happens; returns the task specs."""
+    from covidmt_jax import models
+    from covidmt_jax.data.sources import SOURCES
+    try:
+        tasks = tasks_from_names(c.tasks)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.tasks: {e}") from None
+    if not tasks:
+        raise ConfigError("config.tasks is empty")
+    if c.model.name not in models.available():
+        raise ConfigError(f"config.model.name={c.model.name!r} is not a zoo model; "
+                          f"available: {models.available()}")
+    if c.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
+    if c.model.name != "covidmt":
+        kinds = {t.kind for t in tasks}
+        if c.model.name == "unet" and kinds != {"segmentation"}:
+            raise ConfigError("config.model.name='unet' trains segmentation tasks only")
+        if c.model.name != "unet" and kinds != {"classification"}:
+            raise ConfigError(f"a plain classifier ({c.model.name}) trains classification tasks only; "
+                              f"use model.name='covidmt' for {sorted(kinds - {'classification'})} tasks")
+    for t in tasks:
+        if t.kind not in KINDS:
+            raise ConfigError(f"task {t.name}: unknown kind {t.kind}")
+        if t.dataset not in c.data.train:
+            raise ConfigError(f"task {t.name!r} reads dataset {t.dataset!r} but config.data.train has "
+                              f"no entry for it (have: {sorted(c.data.train.keys())})")
+    for split in ("train", "val"):
+        for ds, entry in c.data[split].items():
+            where = f"config.data.{split}.{ds}"
+            if "source" not in entry:
+                raise ConfigError(f"{where}: missing 'source'")
+            if entry.source not in SOURCES:
+                raise ConfigError(f"{where}.source={entry.source!r} unknown; available: {sorted(SOURCES)}")
+            if not 0.0 <= float(entry.get("holdout", 0.0)) < 1.0:
+                raise ConfigError(f"{where}.holdout must be in [0, 1)")
+            if entry.get("holdout_part", "keep") not in ("keep", "hold"):
+                raise ConfigError(f"{where}.holdout_part must be 'keep' or 'hold'")
+    if c.optimizer.name not in ("adam", "adamw", "sgd"):
+        raise ConfigError(f"config.optimizer.name must be adam, adamw or sgd, got {c.optimizer.name!r}")
+    if c.optimizer.lr <= 0:
+        raise ConfigError("config.optimizer.lr must be > 0")
+    if c.data.per_task_batch < 1 or c.data.image_size < 16:
+        raise ConfigError("config.data.per_task_batch must be >= 1 and data.image_size >= 16")
+    if c.epochs < 1 and c.total_steps < 1:
+        raise ConfigError("set config.epochs >= 1 or config.total_steps >= 1")
+    if "/" not in c.eval.best_metric or c.eval.best_mode not in ("max", "min"):
+        raise ConfigError("config.eval.best_metric must look like '<task>/<metric>' and best_mode be max|min")
+    return tasks
