@@ -162,3 +162,37 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
     if "/" not in c.eval.best_metric or c.eval.best_mode not in ("max", "min"):
         raise ConfigError("config.eval.best_metric must look like '<task>/<metric>' and best_mode be max|min")
     return tasks
+
+
+def covidmt_config(backbone: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """COVIDMT with ``backbone`` on the three real datasets; ``arg`` may hold ``tasks=N``
+    (the ablation), ``root=/path`` (dataset root) and ``image_size=S``."""
+    opts = parse_arg(arg)
+    unknown = set(opts) - {"tasks", "root", "image_size"}
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use tasks=N, root=PATH, image_size=S")
+    c = base_config()
+    c.model.kwargs.backbone = backbone
+    paper_data(c, opts.get("root", "/data"))
+    if "image_size" in opts:
+        c.data.image_size = int(opts["image_size"])
+    apply_task_count(c, opts.get("tasks", 6))
+    return c
+
+
+def baseline_config(model_name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A single-task COVID-19 classifier (the paper's Table 2 baselines) on COVIDx."""
+    opts = parse_arg(arg)
+    unknown = set(opts) - {"root", "image_size"}
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use root=PATH, image_size=S")
+    c = base_config()
+    c.model.name = model_name
+    c.model.kwargs = ml_collections.ConfigDict({})
+    if model_name == "xception":
+        c.init.source = "timm"  # legacy_xception weights come from timm
+    paper_data(c, opts.get("root", "/data"))
+    if "image_size" in opts:
+        c.data.image_size = int(opts["image_size"])
+    apply_task_count(c, 1)
+    return c

@@ -95,6 +95,9 @@ class Task:
         self.column = column
         self.options = options
 
+    def prepare(self, model: Any, image_hw: tuple[int, int]) -> None:
+        """Shape-only set-up before training (e.g. anchors); nothing by default."""
+
     def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
              model: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         raise NotImplementedError
@@ -156,6 +159,10 @@ class BoxTask(Task):
     to build anchors), ``score_threshold`` for evaluation.
     """
     kind = "box"
+
+    def prepare(self, model, image_hw) -> None:
+        """Build the anchors for ``image_hw`` once, outside any trace."""
+        self._anchors(model, image_hw)
 
     def _anchors(self, model, image_hw):
         key = tuple(int(s) for s in image_hw)

@@ -1,0 +1,399 @@
+r"""Train COVIDMT or any baseline: ``python -m covidmt_jax.train --config configs/X.py --workdir DIR``.
+
+Overrides: ``--config.optimizer.lr=1e-4``; the paper's task-count ablation:
+``--config configs/covidmt_resnext50.py:tasks=3``. Re-running with the same ``--workdir``
+resumes from the last checkpoint (model, optimiser, step, RNG and data-iterator position).
+
+The loop, in order:
+1. ``jax.distributed.initialize()`` when there are several processes; a ``Mesh`` over all
+   devices with a ``data`` axis (and ``model`` for parameter sharding).
+2. Sources per dataset -> grain loaders -> one batch from each task loader per step,
+   concatenated (``data.pipeline.make_train_iterator``).
+3. A ``jax.jit`` train step with explicit in/out shardings and donated state:
+   forward -> ``tasks.total_loss`` (eq. 5) -> gradients -> optax update. A non-finite loss
+   leaves the state untouched and stops the run naming the step and the task.
+4. Evaluation every ``eval.every_epochs`` and at the end (per-task metrics from ``tasks``);
+   the best model by ``eval.best_metric`` is exported to ``WORKDIR/export/best``.
+5. Orbax checkpoints every ``checkpoint.every_steps`` and at the end; ``metrics.jsonl`` and
+   TensorBoard events in the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from covidmt_jax import config_lib, models, parallel
+from covidmt_jax.checkpoint import TrainCheckpointer
+from covidmt_jax.export import save_model
+from covidmt_jax.tasks import Task, build_tasks, total_loss
+
+log = logging.getLogger("covidmt_jax.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/Inf loss: the message names the step and the task(s)."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def build_sources(split_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``{dataset: Source}`` from ``data.train`` / ``data.val`` entries (see config_lib)."""
+    from covidmt_jax.data.records import SourceView, holdout_split
+    from covidmt_jax.data.sources import get_source
+    out = {}
+    for ds, entry in split_cfg.items():
+        kwargs = entry.kwargs.to_dict() if hasattr(entry.kwargs, "to_dict") else dict(entry.kwargs)
+        src = get_source(entry.source, **kwargs)
+        frac = float(entry.get("holdout", 0.0))
+        if frac > 0:
+            keep, hold = holdout_split(src, frac, seed=int(entry.get("holdout_seed", 0)))
+            part = entry.get("holdout_part", "keep")
+            src = SourceView(src, keep if part == "keep" else hold, name=f"{src.name}[{part}]")
+        if len(src) == 0:
+            raise config_lib.ConfigError(f"data entry {ds!r} ({entry.source}) has no records")
+        out[ds] = src
+    return out
+
+
+def model_kwargs(cfg: ml_collections.ConfigDict, tasks) -> dict[str, Any]:
+    """Keyword arguments of ``models.create`` for this config (stored with exports)."""
+    kw = dict(cfg.model.kwargs.to_dict()) if cfg.model.kwargs else {}
+    kw["in_channels"] = cfg.model.in_channels
+    if cfg.model.name == "covidmt":
+        kw["tasks"] = [dataclasses.asdict(t) for t in tasks]
+    elif cfg.model.name == "unet":
+        kw["num_classes"] = 1
+    else:
+        kw["num_classes"] = sum(t.kind == "classification" for t in tasks)
+    return kw
+
+
+def build_model(cfg: ml_collections.ConfigDict, tasks) -> nnx.Module:
+    model = models.create(cfg.model.name, dtype=cfg.model.dtype, rngs=nnx.Rngs(cfg.seed),
+                          **model_kwargs(cfg, tasks))
+    if cfg.init.torch_weights:
+        from covidmt_jax.weights import load_torch_weights
+        report = load_torch_weights(model, cfg.init.torch_weights, source=cfg.init.source,
+                                    skip_head=True)
+        log.info("ImageNet init from %s: %d tensors loaded, head skipped (%d)",
+                 cfg.init.torch_weights, len(report["loaded"]), len(report["skipped"]))
+    return model
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (default) with the paper's multi-step decay at ``milestones`` epochs."""
+    o = cfg.optimizer
+    boundaries = {int(m * steps_per_epoch): float(o.decay) for m in o.milestones}
+    lr = optax.piecewise_constant_schedule(float(o.lr), boundaries)
+    if o.name == "adam":
+        tx = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.name == "adamw":
+        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        tx = optax.sgd(lr, momentum=o.momentum)
+    if o.grad_clip and o.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), tx)
+    return tx, lr
+
+
+def task_outputs(raw: Any, tasks: list[Task]) -> dict[str, Any]:
+    """Model output -> ``{task_name: output}`` for every model family."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    seg = [t for t in tasks if t.spec.kind == "segmentation"]
+    if seg:
+        return {seg[0].name: raw}
+    cls = [t for t in tasks if t.spec.kind == "classification"]
+    return {t.name: raw[:, t.column] for t in cls}
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok`` else ``old``, leaf-wise (PRNG keys always advance)."""
+    def pick(n, o):
+        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+            return n
+        return jnp.where(ok, n, o)
+    return jax.tree.map(pick, new, old)
+
+
+def make_train_step(graphdef, tasks: list[Task]):
+    """The pure train step ``(state, batch) -> (state, metrics)``."""
+
+    def train_step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            return total_loss(tasks, task_outputs(model(batch["image"]), tasks), batch, model)
+
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        task_losses = {t.name: aux[f"{t.name}/loss"] for t in tasks}
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(v) for v in task_losses.values()]))
+        new_state = _select(finite, nnx.state((model, optimizer)), state)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite, **aux}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, tasks: list[Task]):
+    def eval_step(state, images):
+        model, _ = nnx.merge(graphdef, state)
+        model.eval()
+        return task_outputs(model(images), tasks)
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricWriter:
+    """``metrics.jsonl`` + TensorBoard (process 0 only). On resume, rows past the restored
+    step are dropped so the file never holds a step twice."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # optional dependency; the JSON lines are the record of truth
+            log.warning("tensorboardX not installed: TensorBoard events are not written")
+
+    def write(self, step: int, kind: str, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "kind": kind, "time": time.time(),
+               **{k: float(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if np.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], cfg, mesh,
+             model_for_tasks) -> dict[str, float]:
+    """Per-task metrics over every validation source (one pass, padded batches)."""
+    from covidmt_jax.data.pipeline import make_eval_iterator
+    sharding = parallel.data_sharding(mesh)
+    results: dict[str, float] = {}
+    for ds, source in val_sources.items():
+        ds_tasks = [t for t in tasks if t.spec.dataset == ds]
+        if not ds_tasks:
+            continue
+        arrays: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
+        lists: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
+        it = make_eval_iterator(source, dataset=ds, tasks=[t.spec for t in tasks],
+                                image_size=cfg.data.image_size, batch_size=cfg.data.eval_batch_size,
+                                max_boxes=cfg.data.max_boxes)
+        for batch in it:
+            gb = parallel.global_batch(batch, sharding)
+            outputs = jax.tree.map(np.asarray, eval_fn(state, gb["image"]))
+            host_batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+            for t in ds_tasks:
+                for k, v in t.eval_outputs(outputs, host_batch, model_for_tasks).items():
+                    # arrays are per-sample columns (concatenated); lists hold per-image items
+                    target = lists if isinstance(v, list) else arrays
+                    target[t.name].setdefault(k, []).extend(v if isinstance(v, list) else [v])
+        for t in ds_tasks:
+            merged = {k: np.concatenate(v) for k, v in arrays[t.name].items()}
+            merged.update(lists[t.name])
+            for name, value in t.summarize(merged).items():
+                results[f"{t.name}/{name}"] = value
+    return results
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Run (or resume) training; returns the final summary."""
+    from covidmt_jax.data.pipeline import make_train_iterator, steps_per_epoch as spe_of
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    specs = config_lib.validate(cfg)
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.make_mesh(cfg.mesh.model_axis)
+    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()})
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+
+    train_sources = build_sources({ds: cfg.data.train[ds] for ds in {t.dataset for t in specs}})
+    val_sources = build_sources(cfg.data.val) if cfg.data.val else {}
+    n_loaders = len(train_sources)
+    global_bs = cfg.data.per_task_batch * n_loaders * jax.process_count()
+    parallel.check_batch_divisible(global_bs, mesh)
+    spe = cfg.steps_per_epoch if cfg.steps_per_epoch > 0 else spe_of(
+        train_sources, cfg.data.per_task_batch, shard_count=jax.process_count())
+    total_steps = cfg.total_steps if cfg.total_steps > 0 else cfg.epochs * spe
+    log.info("%s: %d tasks %s, %d loaders, global batch %d, %d steps/epoch, %d steps, %d devices",
+             cfg.model.name, len(tasks), [t.name for t in tasks], n_loaders, global_bs, spe,
+             total_steps, jax.device_count())
+
+    model = build_model(cfg, specs)
+    tx, lr_schedule = build_optimizer(cfg, spe)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model.train()
+    graphdef, state = nnx.split((model, optimizer))
+    state_sh = parallel.state_shardings(state, mesh)
+    state = jax.device_put(state, state_sh)
+    batch_sh = parallel.data_sharding(mesh)
+
+    train_step = jax.jit(make_train_step(graphdef, tasks), in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(graphdef, tasks), in_shardings=(state_sh, batch_sh))
+
+    data_iter = make_train_iterator(train_sources, specs, per_task_batch=cfg.data.per_task_batch,
+                                    image_size=cfg.data.image_size, seed=cfg.seed,
+                                    num_workers=cfg.data.num_workers,
+                                    augment_cfg=None if cfg.data.augment else False,
+                                    max_boxes=cfg.data.max_boxes)
+    ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.checkpoint.keep)
+    step, best = 0, None
+    if ckpt.latest_step() is not None:
+        state, data_state, meta = ckpt.restore(state)
+        data_iter.set_state(data_state)
+        step, best = int(meta["step"]), meta.get("best")
+        log.info("resumed from %s at step %d", ckpt.directory, step)
+    writer = MetricWriter(workdir, step)
+    image_hw = _image_hw(cfg.data.image_size)
+    for t in tasks:  # shape-only set-up (anchors) while the model's arrays are live
+        t.prepare(model, image_hw)
+    model_for_tasks = model
+
+    def better(v):
+        if best is None or not np.isfinite(best["value"]):
+            return np.isfinite(v)
+        return v > best["value"] if cfg.eval.best_mode == "max" else v < best["value"]
+
+    def run_eval(at_step):
+        nonlocal best
+        if not val_sources:
+            return {}
+        res = evaluate(eval_fn, state, val_sources, tasks, cfg, mesh, model_for_tasks)
+        writer.write(at_step, "eval", res)
+        log.info("eval @%d: %s", at_step, "  ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
+        key = cfg.eval.best_metric
+        if key in res and better(res[key]):
+            best = {"step": at_step, "metric": key, "value": float(res[key])}
+            _export(workdir / "export" / "best", graphdef, state, cfg, specs, {"best": best})
+        return res
+
+    t_last, step_last = time.time(), step
+    start = time.time()
+    eval_results: dict[str, float] = {}
+    try:
+        while step < total_steps:
+            local = next(data_iter)
+            batch = parallel.global_batch(local, batch_sh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if not bool(metrics["finite"]):
+                bad = [t.name for t in tasks if not np.isfinite(float(metrics[f"{t.name}/loss"]))]
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} in task(s) {bad or ['(total)']}; the update "
+                    f"was not applied and the last good checkpoint "
+                    f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+            if step % cfg.log_every_steps == 0 or step == total_steps:
+                now = time.time()
+                sps = (step - step_last) / max(now - t_last, 1e-9)
+                host = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                host["lr"] = float(lr_schedule(step))
+                host["steps_per_s"], host["images_per_s"] = sps, sps * global_bs
+                writer.write(step, "train", host)
+                eta = (total_steps - step) / max(sps, 1e-9)
+                log.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f img/s  ETA %s", step,
+                         total_steps, host["loss"], sps, sps * global_bs, _hms(eta))
+                t_last, step_last = now, step
+            end_of_epoch = step % spe == 0 and (step // spe) % cfg.eval.every_epochs == 0
+            if end_of_epoch and step < total_steps:
+                eval_results = run_eval(step)
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+                ckpt.save(step, state, data_iter.get_state(), {"step": step, "best": best},
+                          force=True)
+        eval_results = run_eval(step)
+        ckpt.save(step, state, data_iter.get_state(), {"step": step, "best": best}, force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        writer.close()
+    _export(workdir / "export" / "final", graphdef, state, cfg, specs, {"step": step})
+    summary = {"steps": step, "epochs": step / spe, "wall_s": time.time() - start,
+               "final_eval": eval_results, "best": best, "workdir": str(workdir)}
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    log.info("done: %s", json.dumps(summary, default=float))
+    return summary
+
+
+def _export(directory: Path, graphdef, state, cfg, specs, metadata) -> None:
+    if jax.process_index() != 0:
+        return
+    model, _ = nnx.merge(graphdef, jax.device_get(state))
+    model.eval()
+    save_model(directory, model, name=cfg.model.name, model_kwargs=model_kwargs(cfg, specs),
+               metadata={**metadata, "image_size": cfg.data.image_size})
+
+
+def _image_hw(size) -> tuple[int, int]:
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+def _hms(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_ = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (re-use it to resume)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                            stream=sys.stdout, force=True)
+        try:
+            train(flags_.config, flags_.workdir)
+        except config_lib.ConfigError as e:
+            raise app.UsageError(f"bad config: {e}") from None
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
