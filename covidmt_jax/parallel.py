@@ -47,12 +47,13 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def make_mesh(model_axis: int = 1) -> Mesh:
-    """``Mesh`` of all devices, shape ``(n_devices // model_axis, model_axis)``."""
-    n = jax.device_count()
+def make_mesh(model_axis: int = 1, devices=None) -> Mesh:
+    """``Mesh`` of ``devices`` (default: all), shape ``(n // model_axis, model_axis)``."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
     if model_axis < 1 or n % model_axis:
         raise ValueError(f"model_axis={model_axis} must divide the device count {n}")
-    devices = np.asarray(jax.devices()).reshape(n // model_axis, model_axis)
+    devices = np.asarray(devices).reshape(n // model_axis, model_axis)
     return Mesh(devices, (DATA, MODEL))
 
 

@@ -25,13 +25,16 @@ CFG_19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 51
 
 
 class VGG(Backbone):
-    """``[B, H, W, in_channels] -> [B, num_classes]``; ``num_classes=0`` keeps the conv trunk."""
+    """``[B, H, W, in_channels] -> [B, num_classes]``; ``num_classes=0`` keeps the conv trunk.
+
+    ``hidden``: width of the two hidden dense layers (4096 in torchvision; smaller values
+    make cheap test models but do not import ImageNet classifier weights)."""
 
     torch_sources = ("torchvision",)
 
     def __init__(self, cfg: Sequence[int | str] = CFG_19, *, batch_norm_: bool = False,
                  num_classes: int = 1, in_channels: int = 1, dropout: float = 0.5,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 hidden: int = 4096, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.cfg = tuple(cfg)
@@ -55,9 +58,9 @@ class VGG(Backbone):
         self._renames = renames
         self.feature_channels = {"c3": 256, "c4": 512, "c5": 512, "last_conv": 512}
         if num_classes:
-            self.fc1 = linear(512 * 7 * 7, 4096, dtype=dtype, rngs=rngs)
-            self.fc2 = linear(4096, 4096, dtype=dtype, rngs=rngs)
-            self.fc3 = linear(4096, num_classes, dtype=dtype, rngs=rngs)
+            self.fc1 = linear(512 * 7 * 7, hidden, dtype=dtype, rngs=rngs)
+            self.fc2 = linear(hidden, hidden, dtype=dtype, rngs=rngs)
+            self.fc3 = linear(hidden, num_classes, dtype=dtype, rngs=rngs)
             self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
         else:
             self.fc1 = self.fc2 = self.fc3 = self.dropout = None
