@@ -45,3 +45,5 @@ __all__ = ["SOURCES", "register_source", "get_source"]
 from covidmt_jax.data.sources import covidx, folder, lungs, nih, rsna, wacxr  # noqa: E402,F401
 
 from covidmt_jax.data.sources import synthetic  # noqa: E402,F401  (synthetic_* phantom sources)
+
+from covidmt_jax.data.sources import tfds_source  # noqa: E402,F401  ("tfds": TFDS builds, tfds imported lazily)
