@@ -324,9 +324,9 @@ def _ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int) -
 class CXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Generic builder of a covidmt dataset from ``{split: Source}``.
 
-    Not registered with TFDS: :func:`build_tfds` makes a subclass named after the dataset,
-    and reading goes through TFDS's read-only builder (``tfds.data_source("<name>/<config>",
-    data_dir=...)``), which needs no code. Construct with ``splits``, ``config`` (a
+    Not registered with TFDS: :func:`build_tfds` makes a subclass named after the dataset
+    (the build's config its only ``BUILDER_CONFIGS``); reading goes through TFDS's read-only
+    builder (``tfds.data_source("<name>/<config>", data_dir=...)``), which needs no code. Construct with ``splits``, ``config`` (a
     :class:`CXRConfig`), ``data_dir``, ``file_format``, and optionally ``schema``,
     ``on_error`` and ``num_workers``.
     """
@@ -399,18 +399,12 @@ class CXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata.update(self._metadata())
 
 
-_BUILDER_CLASSES: dict[str, type] = {}
-
-
-def _builder_class(name: str) -> type:
-    """A CXRBuilder subclass whose TFDS ``name`` is ``name`` (cached, never registered)."""
-    cls = _BUILDER_CLASSES.get(name)
-    if cls is None:
-        cname = "".join(p.capitalize() for p in name.split("_") if p) or "Dataset"
-        cls = types.new_class(cname, (CXRBuilder,), {"skip_registration": True},
-                              lambda ns: ns.update(name=name, __module__=__name__))
-        _BUILDER_CLASSES[name] = cls
-    return cls
+def _builder_class(name: str, config: CXRConfig) -> type:
+    """A fresh CXRBuilder subclass whose TFDS ``name`` is ``name`` and whose only config is
+    ``config`` (never registered with TFDS; one per build, so configs never clash)."""
+    cname = "".join(p.capitalize() for p in name.split("_") if p) or "Dataset"
+    return types.new_class(cname, (CXRBuilder,), {"skip_registration": True},
+                           lambda ns: ns.update(name=name, BUILDER_CONFIGS=[config], __module__=__name__))
 
 
 def build_tfds(source: Source | None = None, *, name: str, data_dir: str | os.PathLike,
@@ -462,7 +456,7 @@ def build_tfds(source: Source | None = None, *, name: str, data_dir: str | os.Pa
                        image_size=int(image_size), bits=bits,
                        sources={k: source_description(v) for k, v in splits.items()})
     data_dir = Path(data_dir).expanduser()
-    builder = _builder_class(name)(splits=splits, config=config, schema=schema, on_error=on_error,
+    builder = _builder_class(name, config)(splits=splits, config=config, schema=schema, on_error=on_error,
                                    num_workers=num_workers, data_dir=os.fspath(data_dir),
                                    file_format=file_format)
     path = Path(builder.data_path)
@@ -526,7 +520,7 @@ def _cli_splits(args) -> tuple[dict[str, Source], dict]:
                 "val": S.get_source(src, n=ne, split="val", **kw),
                 "test": S.get_source(src, n=ne, split="test", **kw)}, extra
     if root is None:
-        raise SystemExit(f"--manual_dir is required for --dataset {ds}")
+        raise ValueError(f"--manual_dir is required for --dataset {ds}")
     root = Path(root).expanduser()
     common = dict(on_error=args.on_error)
     if ds == "covidx":
@@ -563,7 +557,7 @@ def _cli_splits(args) -> tuple[dict[str, Source], dict]:
     if ds == "folder":
         src = S.get_source("folder", root=root, labels_from_subfolders=args.labels_from_subfolders, **common)
         return _holdout(src, args.val_fraction, args.seed), extra
-    raise SystemExit(f"unknown --dataset {ds!r}")
+    raise ValueError(f"unknown --dataset {ds!r}")
 
 
 DATASETS = ("covidx", "nih", "rsna", "wacxr", "lungs", "folder", "synthetic")
