@@ -527,10 +527,9 @@ def _cli_splits(args) -> tuple[dict[str, Source], dict]:
         from covidmt_jax.data.sources.covidx import COVIDxSource
         out = _holdout(COVIDxSource.from_root(root, version=args.covidx_version, split="train", **common),
                        args.val_fraction, args.seed)
-        try:
+        stem = f"test_COVIDx{args.covidx_version}.txt"
+        if (root / stem).is_file() or (root / "labels" / stem).is_file():  # else train (and val) only
             out["test"] = COVIDxSource.from_root(root, version=args.covidx_version, split="test", **common)
-        except DataError:
-            pass  # no test label file: train (and val) only
         return out, extra
     if ds == "nih":
         bbox = next((root / n for n in ("BBox_List_2017.csv", "BBox_List_2017.csv.gz") if (root / n).is_file()), None)
