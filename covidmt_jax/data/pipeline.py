@@ -382,6 +382,10 @@ def task_dataset(source, *, dataset: str, tasks: Sequence, image_size: int | Seq
       seed: pipeline seed (shuffle order per epoch, augmentation per stream position).
       shard_index, shard_count: this process reads records ``shard_index::shard_count``;
         default ``jax.process_index()`` / ``jax.process_count()``.
+      max_boxes: M, box slots per sample; the first M boxes still valid after augmentation
+        are kept (RSNA images have at most 4).
+      augment_cfg: :class:`~covidmt_jax.data.augment.AugmentConfig` or a mapping of its
+        fields (``None`` = the paper's ranges; ``augment.NO_AUGMENT`` = off).
       num_workers: grain worker processes (``mp_prefetch``); 0 = in this process.
       shuffle, repeat, drop_remainder: as named (repeat = endless, reshuffled per epoch).
       read_threads: grain read threads per process (``ReadOptions.num_threads``).
