@@ -274,3 +274,18 @@ def test_cli_synthetic(tmp_path, capsys):
     assert "--manual_dir is required" in capsys.readouterr().err
     assert main(["--dataset", "folder", "--manual_dir", str(tmp_path / "nope"), "--data_dir", str(tmp_path)]) == 1
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_tfds_source_feeds_the_grain_pipeline(phantom_build):
+    from covidmt_jax import tasks
+    from covidmt_jax.data import pipeline
+
+    back = TFDSSource("phantoms", "train", phantom_build)
+    ds = pipeline.task_dataset(back, dataset="rsna", tasks=tasks.paper_tasks(2), image_size=BUILD_PX,
+                               batch_size=8, train=False, seed=0, shard_index=0, shard_count=1, repeat=False,
+                               shuffle=False, with_ids=True)
+    batch = next(iter(ds))
+    assert batch["image"].shape == (8, BUILD_PX, BUILD_PX, 1)
+    assert batch["ids"] == back.ids
+    n_boxes = [len(back[i].get("boxes", ())) for i in range(8)]
+    np.testing.assert_array_equal(batch["box_valid"].sum(1) > 0, np.array(n_boxes) > 0)
