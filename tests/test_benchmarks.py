@@ -1,0 +1,85 @@
+"""benchmarks/train_throughput.py at a tiny size: the real JAX train step and the PyTorch
+reference both run, train (the loss changes) and produce a table. No timing asserts."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check(m, framework, batch):
+    assert m.framework == framework and m.batch == batch
+    assert len(m.step_s) == 1 and m.step_s[0] > 0 and m.images_per_s > 0
+    assert len(m.losses) == 2 and all(math.isfinite(v) for v in m.losses)
+    assert m.losses[0] != m.losses[1], "the second step saw the same parameters: no update"
+
+
+def test_parse_model(bench):
+    m = bench.parse_model("covidmt_resnext50")
+    assert (m.backbone, m.multitask, len(m.task_specs)) == ("resnext50_32x4d", True, 6)
+    b = bench.parse_model("resnet50")
+    assert (b.backbone, b.multitask, [t.name for t in b.task_specs]) == ("resnet50", False, ["covid"])
+    with pytest.raises(ValueError, match="unknown benchmark model 'vgg19'"):
+        bench.parse_model("vgg19")
+
+
+def test_synthetic_batch_layout(bench):
+    m = bench.parse_model("covidmt_resnet18")
+    b = bench.synthetic_batch(m, 32, 6)
+    assert b["image"].shape == (6, 32, 32, 1) and b["labels"].shape == (6, 5)
+    # covidx rows 0-1 carry covid (column 0), rsna rows 2-3 the boxes, nih rows 4-5 columns 1-4
+    np.testing.assert_array_equal(b["label_weight"][:, 0], [1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(b["label_weight"][:, 1:].sum(1), [0, 0, 0, 0, 4, 4])
+    np.testing.assert_array_equal(b["box_weight"], [0, 0, 1, 1, 0, 0])
+    assert (b["box_valid"][2:4].sum(1) >= 1).all() and b["box_valid"][[0, 1, 4, 5]].sum() == 0
+    boxes = b["boxes"][b["box_valid"] > 0]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes.min() >= 0 and boxes.max() <= 32
+    with pytest.raises(ValueError, match="multiple of the 3 task datasets"):
+        bench.synthetic_batch(m, 32, 4)
+
+
+@pytest.mark.parametrize("name,batch", [("resnet18", 2), ("covidmt_resnet18", 3)])
+def test_jax_step_runs_and_trains(bench, name, batch):
+    m = bench.bench_jax(bench.parse_model(name), 32, batch, steps=1, warmup=1)
+    _check(m, "jax", batch)
+    assert m.compile_s > 0
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name,batch", [("resnet18", 2), ("covidmt_resnet18", 3)])
+def test_torch_reference_runs_and_trains(bench, name, batch):
+    if not bench.torch_available():
+        pytest.skip("torch/torchvision not installed")
+    m = bench.bench_torch(bench.parse_model(name), 32, batch, steps=1, warmup=1)
+    _check(m, "torch", batch)
+    table = bench.format_table([bench.bench_jax(bench.parse_model(name), 32, batch, steps=1,
+                                                warmup=1), m])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "jax/torch" in lines[0]
+    ratio = lines[2].split("|")[-2].strip()
+    assert float(ratio) > 0 and lines[3].split("|")[-2].strip() == ""
+
+
+def test_cli_flags(bench):
+    a = bench.parse_args(["--models", "covidmt_resnext50,resnet50", "--sizes", "224,512",
+                          "--device", "gpu"])
+    assert [m.name for m in a.models] == ["covidmt_resnext50", "resnet50"]
+    assert a.sizes == [224, 512] and a.dtype == "bfloat16" and a.batch == 12
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--frameworks", "tf"])
