@@ -241,6 +241,10 @@ def test_bad_input_raises_naming_the_file_or_is_skipped_and_listed(tmp_path):
     recs = [{"id": "z", "image": b"not an image at all", "labels": np.zeros(2, np.float32)}]
     with pytest.raises(DataError, match=r"listed:z\[image\]: not a recognised image format"):
         build_tfds(_Listed(recs), name="badbytes", data_dir=tmp_path / "tfds", image_size=16)
+    with pytest.raises(DataError, match=r"all 1 record\(s\) were bad, e.g. listed:z\[image\]"):
+        build_tfds(_Listed(recs), name="badbytes", data_dir=tmp_path / "tfds", image_size=16, on_error="skip")
+    with pytest.raises(ValueError, match=r"\['val'\] have no records"):
+        build_tfds(splits={"train": _Listed(recs), "val": _Listed([])}, name="empty", data_dir=tmp_path, image_size=16)
 
 
 def test_real_lungs_subset(shared_data, tmp_path):

@@ -390,11 +390,16 @@ class CXRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     raise
                 return e
 
+        written = 0
         for i, ex in zip(range(len(src)), _ordered_map(one, range(len(src)), self._num_workers)):
             if isinstance(ex, DataError):
                 skipped.append((ex.path, ex.problem))
                 continue
+            written += 1
             yield i, ex
+        if not written:
+            path, problem = skipped[0] if skipped else (where, "no records")
+            raise DataError(where, f"split {split!r}: all {len(src)} record(s) were bad, e.g. {path}: {problem}")
         # tfds writes metadata.json after generating every split: record what was skipped.
         self.info.metadata.update(self._metadata())
 
@@ -451,6 +456,9 @@ def build_tfds(source: Source | None = None, *, name: str, data_dir: str | os.Pa
     config_name = config_name or default_config_name(image_size, bits)
     if not _CONFIG.match(config_name):
         raise ValueError(f"invalid config name {config_name!r}")
+    empty = [k for k, v in splits.items() if len(v) == 0]
+    if empty:
+        raise ValueError(f"split(s) {empty} have no records (TFDS cannot write an empty split)")
     schema = infer_schema(splits, with_boxes=with_boxes)
     config = CXRConfig(name=config_name, description=f"{image_size}x{image_size} grey, {bits}-bit PNG",
                        image_size=int(image_size), bits=bits,
