@@ -315,6 +315,10 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
              ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "–"]
             for m, s in summary["models"].items()]
     L += _md_table(["model", "rows", "errors", "by kind"], body)
+    if job.get("source_skipped"):
+        L += [f"The pair source itself skipped {job['source_skipped']} file(s) while listing "
+              "(no rows for them), e.g.:", ""]
+        L += [f"- `{e}`" for e in job.get("source_skipped_examples", [])] + [""]
     if gallery:
         L += ["## Gallery", "",
               "Original beside transmitted: image with the lung contour (green), Grad-CAM of the "

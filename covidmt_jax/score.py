@@ -758,7 +758,11 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
                       "channel": channel.describe() if channel is not None else
                       getattr(getattr(source, "channel", None), "describe", lambda: "")(),
                       "quality": int(quality or cfg.pairs.quality or 0) or None,
-                      "devices": jax.device_count(), "rows": str(store.path)}
+                      "devices": jax.device_count(), "rows": str(store.path),
+                      # files the source itself rejected while listing (on_error="skip")
+                      "source_skipped": len(getattr(source, "skipped", ()) or ()),
+                      "source_skipped_examples": [f"{a}: {b}" for a, b in
+                                                  list(getattr(source, "skipped", ()) or ())[:5]]}
     gallery = gallery_maps(cfg, scorer, source, channel, label_col, rows, names)
     report.write_report(workdir, summary, rows, gallery)
     _write_json(workdir / "summary.json", summary)
@@ -873,7 +877,9 @@ def main(argv=None) -> None:
     from ml_collections import config_flags
 
     flags_ = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "configs/score_<x>.py[:arg]", lock_config=True)
+    # config_flags finds the --config.* overrides in sys.argv unless told otherwise.
+    config_flags.DEFINE_config_file("config", None, "configs/score_<x>.py[:arg]", lock_config=True,
+                                    sys_argv=list(argv) if argv is not None else None)
     flags.DEFINE_string("workdir", None, "output directory (re-use it to resume)")
     flags.mark_flags_as_required(["config", "workdir"])
 
