@@ -1,0 +1,121 @@
+"""covidmt_jax.report on hand-made rows with known answers (no models)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from covidmt_jax import metrics, report
+from covidmt_jax.score import ROW_COLUMNS, RowStore
+
+
+def _rows(n_ok=10, model="m"):
+    """10 clean pairs: pairs 0, 1 flip (COVID -> non), pair 2 flips (non -> COVID); IOLs with
+    three below 0.4 on the original side and one empty heat map; plus one unreadable and one
+    empty-lung row."""
+    po = np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.1, 0.3, 0.95, 0.05, 0.55])
+    pt = np.array([0.4, 0.3, 0.6, 0.7, 0.6, 0.1, 0.3, 0.95, 0.05, 0.55])
+    labels = np.array([1, 1, 0, 1, 0, 0, 0, 1, 0, 1])
+    iol_o = np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, np.nan, 1.0])
+    iol_t = np.array([0.1, 0.2, 0.3, 0.35, 0.6, 0.7, 0.8, 0.9, 0.5, 1.0])
+    rows = {c: [] for c in ROW_COLUMNS}
+    for i in range(n_ok):
+        vals = dict(pair_id=f"p{i}", index=i, label=labels[i], model=model, prob_orig=po[i],
+                    prob_trans=pt[i], pred_orig=int(po[i] >= .5), pred_trans=int(pt[i] >= .5),
+                    flip=int((po[i] >= .5) != (pt[i] >= .5)), iol_orig=iol_o[i], iol_trans=iol_t[i],
+                    lung_frac_orig=0.3, lung_frac_trans=0.3, heat_frac_orig=0.2, heat_frac_trans=0.2,
+                    orig_h=64, orig_w=64, trans_h=64, trans_w=64, error="")
+        for c in ROW_COLUMNS:
+            rows[c].append(vals[c])
+    for i, err in ((n_ok, "unreadable: x.png: truncated"), (n_ok + 1, "empty lung mask: no lung")):
+        for c in ROW_COLUMNS:
+            rows[c].append({"pair_id": f"p{i}", "index": i, "label": 1, "model": model,
+                            "error": err}.get(c, np.nan if c.startswith(("prob", "iol", "lung", "heat")) else -1))
+    return {c: np.asarray(v, dtype=object if c in ("pair_id", "model", "error") else float)
+            for c, v in rows.items()}, po, pt, labels, iol_o, iol_t
+
+
+def test_model_summary_known_answers():
+    rows, po, pt, labels, iol_o, iol_t = _rows()
+    s = report.summarize(rows, ["m"], eta=0.4, n_boot=200)["models"]["m"]
+    assert s["n_pairs"] == 12 and s["n_scored"] == 10 and s["n_errors"] == 2
+    assert s["errors"] == {"empty lung mask": 1, "unreadable": 1}
+    assert s["pi"]["score"] == pytest.approx(30.0) == metrics.pi_score(po, pt)
+    assert (s["pi"]["n_flips"], s["pi"]["pos_to_neg"], s["pi"]["neg_to_pos"]) == (3, 2, 1)
+    assert s["pi"]["lo"] <= 30.0 <= s["pi"]["hi"]
+    o = s["ols"]["original"]
+    assert (o["n_used"], o["n_empty"], o["n_out"]) == (9, 1, 3)
+    assert o["score"] == pytest.approx(100 * 3 / 9)
+    t = s["ols"]["transmitted"]
+    assert (t["n_used"], t["n_empty"], t["n_out"]) == (10, 0, 4) and t["score"] == pytest.approx(40.0)
+    c = s["classification"]
+    assert c["original"]["accuracy"] == pytest.approx(metrics.accuracy(labels, po))
+    assert c["transmitted"]["roc_auc"] == pytest.approx(metrics.roc_auc(labels, pt))
+    # correctness: pairs 0, 1 (label 1) and 2 (label 0) are right on the original only
+    assert (s["mcnemar_correct"]["b"], s["mcnemar_correct"]["c"]) == (3, 0)
+
+
+def test_summary_without_scored_rows_or_labels():
+    rows, *_ = _rows()
+    rows["label"] = np.full(len(rows["label"]), -1.0)
+    s = report.summarize(rows, ["m"], n_boot=50)["models"]["m"]
+    assert "classification" not in s and s["n_labelled"] == 0
+    only_errors = {k: v[-2:] for k, v in rows.items()}
+    s = report.summarize(only_errors, ["m"], n_boot=50)["models"]["m"]
+    assert s["n_scored"] == 0 and "pi" not in s and "ols" not in s
+
+
+def test_jsonable_turns_nan_into_null():
+    out = report.jsonable({"a": float("nan"), "b": np.float32(1.5), "c": (np.int64(2), np.inf),
+                           "d": np.array([1.0, np.nan])})
+    assert json.dumps(out, allow_nan=False) == '{"a": null, "b": 1.5, "c": [2, null], "d": [1.0, null]}'
+
+
+def test_write_report_tables_plots_and_gallery(tmp_path):
+    rows, *_ = _rows()
+    rows2, *_ = _rows(model="other")
+    both = {c: np.concatenate([rows[c], rows2[c]]) for c in ROW_COLUMNS}
+    summary = report.summarize(both, ["m", "other"], n_boot=50)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    panel = {"pair_id": "p0", "label": 1, "threshold": 0.5,
+             "image_orig": rng.random((32, 32)), "image_trans": rng.random((32, 32)),
+             "lung_orig": ((xx - 16) ** 2 + (yy - 16) ** 2 < 100).astype(float),
+             "lung_trans": ((xx - 16) ** 2 + (yy - 16) ** 2 < 90).astype(float),
+             "cam_orig": xx / 31.0, "cam_trans": yy / 31.0, "prob_orig": 0.9, "prob_trans": 0.3,
+             "iol_orig": 0.5, "iol_trans": float("nan")}
+    gallery = {"m": {"flipped": [panel], "random": [panel, panel]}, "other": {"flipped": [], "random": []}}
+    path = report.write_report(tmp_path, summary, both, gallery)
+    text = path.read_text()
+    assert "| m | 10 | 30.00 [" in text
+    assert "33.33 [" in text and "40.00 [" in text  # OLS original / transmitted of model m
+    assert "unreadable: 1" in text and "other, flipped: no pairs" in text
+    for png in ("pi.png", "ols.png", "iol_hist.png", "gallery_m_flipped.png", "gallery_m_random.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert not (tmp_path / "gallery_other_flipped.png").exists()
+
+
+def test_sweep_report(tmp_path):
+    rows, *_ = _rows()
+    s = report.summarize(rows, ["m"], n_boot=50)
+    report.write_sweep_report(tmp_path, {"qualities": [30, 90], "per_quality": {30: s, 90: s}})
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("| m |") == 2
+    assert (tmp_path / "pi_vs_quality.png").stat().st_size > 1000
+    assert (tmp_path / "ols_vs_quality.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_row_store_round_trip(tmp_path, fmt):
+    rows, *_ = _rows()
+    store = RowStore(tmp_path, fmt)
+    recs = [{c: rows[c][i] for c in ROW_COLUMNS} for i in range(len(rows["pair_id"]))]
+    store.append(recs[:5])
+    store.append(recs[5:])
+    back = store.read()
+    assert back["pair_id"].tolist() == rows["pair_id"].tolist()
+    np.testing.assert_allclose(back["prob_orig"], rows["prob_orig"].astype(float))
+    assert back["error"].tolist() == rows["error"].tolist()
+    assert math.isnan(back["iol_orig"][8]) and back["label"][-1] == 1
