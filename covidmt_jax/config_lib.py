@@ -8,7 +8,8 @@ reads them in one place. Layout::
     task_options.<task>    per-task loss options (box: regression, l2; threshold ...)
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
     init.torch_weights, init.source     ImageNet initialisation from a user-given file
-    data.image_size, data.per_task_batch, data.eval_batch_size, data.num_workers, data.augment
+    data.image_size, data.per_task_batch, data.eval_batch_size, data.num_workers,
+    data.augment (the paper's ranges: translate, rotate_deg, zoom, hflip, intensity_shift; all 0 = off)
     data.train.<dataset> / data.val.<dataset>:
         source (a covidmt_jax.data.sources name), kwargs (its arguments),
         holdout (fraction held out by id, 0 = none), holdout_seed, holdout_part ("keep"|"hold")
@@ -50,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict({"torch_weights": "", "source": "torchvision"})
     c.data = ml_collections.ConfigDict({
         "image_size": 512, "per_task_batch": 4, "eval_batch_size": 16, "num_workers": 0,
-        "augment": True, "max_boxes": 8, "train": {}, "val": {},
+        "augment": {"translate": 0.1, "rotate_deg": 10.0, "zoom": 0.15, "hflip": True,
+                    "intensity_shift": 0.1, "min_box_area": 0.2},
+        "max_boxes": 8, "train": {}, "val": {},
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "adam", "lr": 2e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,

@@ -102,3 +102,48 @@ def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> di
         if isinstance(v, np.ndarray) and v.dtype != object:
             out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def local_rows(tree: Any) -> Any:
+    """Global data-sharded outputs -> this process's rows as numpy (its share of the batch)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(
+        tree, _mesh_of(tree), P(DATA)))
+
+
+def _mesh_of(tree: Any) -> Mesh:
+    leaf = jax.tree.leaves(tree)[0]
+    return leaf.sharding.mesh
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+    """Concatenate every process's ``[n_p, ...]`` rows (process order); identity on one host.
+
+    Processes may hold different row counts (eval shards): rows are padded to the largest
+    count for the collective and the padding removed again.
+    """
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)]))).reshape(-1)
+    pad = int(counts.max()) - len(x)
+    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])
+
+
+def allgather_ragged(items: list[np.ndarray]) -> list[np.ndarray]:
+    """All-gather a list of variable-length ``[k_i, d]`` arrays (e.g. per-image boxes)."""
+    if jax.process_count() == 1:
+        return list(items)
+    lengths = np.asarray([len(a) for a in items], np.int64)
+    width = int(items[0].shape[1]) if items and items[0].ndim > 1 else 0
+    k = int(allgather_rows(np.asarray([lengths.max() if len(lengths) else 0])).max())
+    shape = (len(items), k, width) if width else (len(items), k)
+    dense = np.zeros(shape, np.float32)
+    for i, a in enumerate(items):
+        dense[i, :len(a)] = a
+    all_dense, all_len = allgather_rows(dense), allgather_rows(lengths)
+    return [all_dense[i, :int(n)] for i, n in enumerate(all_len)]

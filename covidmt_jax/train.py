@@ -212,12 +212,13 @@ def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], 
             continue
         arrays: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
         lists: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
+        # each process evaluates its own shard; results are all-gathered below
         it = make_eval_iterator(source, dataset=ds, tasks=[t.spec for t in tasks],
                                 image_size=cfg.data.image_size, batch_size=cfg.data.eval_batch_size,
-                                max_boxes=cfg.data.max_boxes)
+                                max_boxes=cfg.data.max_boxes, shard_index=None, shard_count=None)
         for batch in it:
             gb = parallel.global_batch(batch, sharding)
-            outputs = jax.tree.map(np.asarray, eval_fn(state, gb["image"]))
+            outputs = parallel.local_rows(eval_fn(state, gb["image"]))
             host_batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
             for t in ds_tasks:
                 for k, v in t.eval_outputs(outputs, host_batch, model_for_tasks).items():
@@ -225,8 +226,8 @@ def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], 
                     target = lists if isinstance(v, list) else arrays
                     target[t.name].setdefault(k, []).extend(v if isinstance(v, list) else [v])
         for t in ds_tasks:
-            merged = {k: np.concatenate(v) for k, v in arrays[t.name].items()}
-            merged.update(lists[t.name])
+            merged = {k: parallel.allgather_rows(np.concatenate(v)) for k, v in arrays[t.name].items()}
+            merged.update({k: parallel.allgather_ragged(v) for k, v in lists[t.name].items()})
             for name, value in t.summarize(merged).items():
                 results[f"{t.name}/{name}"] = value
     return results
@@ -275,7 +276,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     data_iter = make_train_iterator(train_sources, specs, per_task_batch=cfg.data.per_task_batch,
                                     image_size=cfg.data.image_size, seed=cfg.seed,
                                     num_workers=cfg.data.num_workers,
-                                    augment_cfg=None if cfg.data.augment else False,
+                                    augment_cfg=cfg.data.augment.to_dict(),
                                     max_boxes=cfg.data.max_boxes)
     ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.checkpoint.keep)
     step, best = 0, None
@@ -334,14 +335,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                 log.info("step %d/%d  loss %.4f  %.2f steps/s  %.1f img/s  ETA %s", step,
                          total_steps, host["loss"], sps, sps * global_bs, _hms(eta))
                 t_last, step_last = now, step
+            is_last = step == total_steps
             end_of_epoch = step % spe == 0 and (step // spe) % cfg.eval.every_epochs == 0
-            if end_of_epoch and step < total_steps:
+            if end_of_epoch or is_last:
                 eval_results = run_eval(step)
-            if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+            if step % cfg.checkpoint.every_steps == 0 or is_last:
                 ckpt.save(step, state, data_iter.get_state(), {"step": step, "best": best},
                           force=True)
-        eval_results = run_eval(step)
-        ckpt.save(step, state, data_iter.get_state(), {"step": step, "best": best}, force=True)
+        if not eval_results:  # e.g. re-run of a finished workdir
+            eval_results = run_eval(step)
         ckpt.wait()
     finally:
         ckpt.close()

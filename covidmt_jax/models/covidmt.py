@@ -95,7 +95,8 @@ class COVIDMT(Backbone):
 
     def anchors(self, image_hw: Sequence[int]) -> np.ndarray:
         """Anchors ``[N_anchors, 4]`` matching the box head's output for inputs of ``image_hw``."""
-        shapes = jax.eval_shape(lambda x: self.backbone.features(x),
+        graphdef, state = nnx.split(self.backbone)  # trace a copy: no state is touched
+        shapes = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).features(x), state,
                                 jax.ShapeDtypeStruct((1, *image_hw, self.in_channels), jnp.float32))
         level_hw = [tuple(shapes[k].shape[1:3]) for k in ("c3", "c4", "c5")]
         strides = [image_hw[0] / h for h, _ in level_hw]

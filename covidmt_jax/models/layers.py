@@ -57,8 +57,8 @@ def linear(in_f: int, out_f: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs)
 def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int = 0) -> jax.Array:
     """``MaxPool2d(k, s, p)`` on ``[B, H, W, C]`` (padding with -inf, floor mode)."""
     pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    init = jnp.array(-jnp.inf, dtype=x.dtype)
-    return jax.lax.reduce_window(x, init, jax.lax.max, (1, kernel_size, kernel_size, 1),
+    # a Python scalar init lets JAX recognise the max monoid (differentiable reduce_window_max)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, kernel_size, kernel_size, 1),
                                  (1, stride, stride, 1), pads)
 
 

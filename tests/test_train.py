@@ -1,0 +1,284 @@
+"""The trainer: config errors, a few steps of every model family, data-parallel equivalence on
+4 simulated CPU devices, SIGKILL + resume equal to an uninterrupted run, NaN stop, ablation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from covidmt_jax import config_lib
+from covidmt_jax.config_lib import ConfigError, dataset_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+       "MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "8000000000"}
+
+
+def tiny_config(*, model="covidmt", n_tasks=6, size=32, steps=4, n=24, backbone="resnet18"):
+    """A seconds-long synthetic run."""
+    c = config_lib.base_config()
+    c.model.kwargs = {"backbone": backbone, "transition_channels": (8,), "fpn_channels": 8}
+    common = dict(size=size, seed=0)
+    c.data.train = {"covidx": dataset_entry("synthetic_covidx", n=n, split="train", shortcut_strength=0.9, **common),
+                    "rsna": dataset_entry("synthetic_rsna", n=n, split="train", **common),
+                    "nih": dataset_entry("synthetic_nih", n=n, split="train", **common)}
+    c.data.val = {"covidx": dataset_entry("synthetic_covidx", n=8, split="val", **common),
+                  "rsna": dataset_entry("synthetic_rsna", n=8, split="val", **common),
+                  "nih": dataset_entry("synthetic_nih", n=8, split="val", **common)}
+    c.data.image_size = size
+    c.data.per_task_batch = 2
+    c.data.eval_batch_size = 4
+    config_lib.apply_task_count(c, n_tasks)
+    if model != "covidmt":
+        c.model.name = model
+        c.model.kwargs = {"hidden": 16} if model.startswith("vgg") else (
+            {"widths": (8, 16, 16, 16), "modules_per_stage": (1, 1, 1, 1)} if model == "covidnet" else {})
+        config_lib.apply_task_count(c, 1)
+    c.steps_per_epoch = 2
+    c.total_steps = steps
+    c.epochs = 1
+    c.log_every_steps = 1
+    c.checkpoint.every_steps = 2
+    c.optimizer.lr = 1e-3
+    return c
+
+
+# ----------------------------------------------------------------------------- config errors
+
+def test_validate_names_the_bad_key():
+    c = tiny_config()
+    c.model.name = "resnet5"
+    with pytest.raises(ConfigError, match="model.name='resnet5'"):
+        config_lib.validate(c)
+    c = tiny_config()
+    c.tasks = ("covid", "pneumothorax")
+    with pytest.raises(ConfigError, match="unknown task 'pneumothorax'"):
+        config_lib.validate(c)
+    c = tiny_config(n_tasks=6)
+    del c.data.train["nih"]
+    with pytest.raises(ConfigError, match="dataset 'nih'"):
+        config_lib.validate(c)
+    c = tiny_config()
+    c.data.train.covidx.source = "covidz"
+    with pytest.raises(ConfigError, match="covidz"):
+        config_lib.validate(c)
+
+
+def test_config_arguments_and_ablation():
+    from covidmt_jax.config_lib import covidmt_config
+    c1 = covidmt_config("resnet50", "tasks=1,root=/x")
+    assert c1.tasks == ("covid",) and set(c1.data.train.keys()) == {"covidx"}
+    c6 = covidmt_config("resnext50_32x4d", "tasks=6")
+    assert c6.tasks == ("covid", "box", "infiltration", "effusion", "atelectasis", "nodule")
+    assert set(c6.data.train.keys()) == {"covidx", "rsna", "nih"}
+    c3 = covidmt_config("resnet50", "tasks=3")
+    assert c3.tasks == ("covid", "box", "infiltration")
+    with pytest.raises(ValueError, match="1..6"):
+        covidmt_config("resnet50", "tasks=7")
+    with pytest.raises(ValueError, match="unknown config argument"):
+        covidmt_config("resnet50", "taks=3")
+
+
+def _run_cli(args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "covidmt_jax.train", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad_key = _run_cli(["--config", "configs/demo.py", "--workdir", str(tmp_path),
+                        "--config.optimizer.lrr=0.1"])
+    assert bad_key.returncode != 0 and "lrr" in (bad_key.stderr + bad_key.stdout)
+    bad_type = _run_cli(["--config", "configs/demo.py", "--workdir", str(tmp_path),
+                         "--config.optimizer.lr=fast"])
+    assert bad_type.returncode != 0 and "lr" in (bad_type.stderr + bad_type.stdout)
+    bad_value = _run_cli(["--config", "configs/demo.py", "--workdir", str(tmp_path),
+                          "--config.model.name=resnet5"])
+    assert bad_value.returncode != 0 and "resnet5" in (bad_value.stderr + bad_value.stdout)
+
+
+# ----------------------------------------------------------------------------- a few steps
+
+@pytest.mark.parametrize("model", ["covidmt", "resnet18", "vgg19", "covidnet"])
+def test_a_few_steps_of_every_family(model, tmp_path):
+    from covidmt_jax.train import train
+    c = tiny_config(model=model, size=32 if model != "xception" else 80, steps=2)
+    summary = train(c, tmp_path)
+    assert summary["steps"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in train_rows)
+    assert "covid/roc_auc" in summary["final_eval"]
+    assert (tmp_path / "export" / "final" / "params.safetensors").is_file()
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_xception_trains_a_step(tmp_path):
+    from covidmt_jax.train import train
+    summary = train(tiny_config(model="xception", size=72, steps=1), tmp_path)
+    assert summary["steps"] == 1
+
+
+def test_unet_segmentation_run(tmp_path):
+    from covidmt_jax.train import train
+    c = tiny_config(steps=2)
+    c.tasks = ("lungs",)
+    c.task_options = {}
+    c.model.name = "unet"
+    c.model.kwargs = {"depth": 2, "base_width": 4}
+    c.data.train = {"lungs": dataset_entry("synthetic_lungs", n=8, size=32, seed=0)}
+    c.data.val = {"lungs": dataset_entry("synthetic_lungs", n=4, size=32, seed=1, split="val")}
+    c.eval.best_metric = "lungs/dice"
+    summary = train(c, tmp_path)
+    assert 0.0 <= summary["final_eval"]["lungs/dice"] <= 1.0
+    assert (tmp_path / "export" / "best" / "model.json").is_file()
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+DP_SCRIPT = textwrap.dedent("""
+    import os, json, numpy as np, jax, jax.numpy as jnp
+    from flax import nnx
+    assert jax.device_count() == 4, jax.devices()
+    from covidmt_jax import models, parallel
+    from covidmt_jax.tasks import build_tasks, paper_tasks
+    from covidmt_jax.train import make_train_step, build_optimizer
+    import ml_collections
+    specs = paper_tasks(6)
+    tasks = build_tasks(specs)
+    rng = np.random.RandomState(0)
+    B, S = 8, 32
+    batch = {"image": rng.randn(B, S, S, 1).astype(np.float32),
+             "labels": rng.randint(0, 2, (B, 5)).astype(np.float32),
+             "label_weight": (rng.rand(B, 5) > 0.3).astype(np.float32),
+             "boxes": np.tile(np.array([[[4, 4, 20, 24]]], np.float32), (B, 1, 1)),
+             "box_valid": (rng.rand(B, 1) > 0.5).astype(np.float32),
+             "box_weight": (rng.rand(B) > 0.5).astype(np.float32)}
+    results = {}
+    for n_dev in (1, 4):
+        model = models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
+                              fpn_channels=8, rngs=0)
+        for t in tasks:
+            t.prepare(model, (S, S))
+        cfg = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 1.0, "b1": 0.9, "b2": 0.999,
+              "eps": 1e-8, "milestones": (), "decay": 0.1, "grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0}})
+        tx, _ = build_optimizer(cfg, 10)
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        model.train()
+        gd, state = nnx.split((model, opt))
+        mesh = parallel.make_mesh(1, jax.devices()[:n_dev])
+        ssh = parallel.state_shardings(state, mesh)
+        bsh = parallel.data_sharding(mesh)
+        state = jax.device_put(state, ssh)
+        step = jax.jit(make_train_step(gd, tasks), in_shardings=(ssh, bsh), donate_argnums=0)
+        gb = parallel.global_batch(batch, bsh)
+        assert len(gb["image"].sharding.device_set) == n_dev
+        state, metrics = step(state, gb)
+        flat = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(nnx.merge(gd, state)[0], nnx.Any(nnx.Param, nnx.BatchStat)))}
+        results[n_dev] = (float(metrics["loss"]), float(metrics["grad_norm"]), flat)
+    l1, g1, p1 = results[1]; l4, g4, p4 = results[4]
+    worst = max(float(np.max(np.abs(p1[k] - p4[k]))) for k in p1)
+    print(json.dumps({"loss": [l1, l4], "grad_norm": [g1, g4], "max_param_diff": worst}))
+""")
+
+
+def test_data_parallel_equals_single_device(tmp_path):
+    script = tmp_path / "dp.py"
+    script.write_text(DP_SCRIPT)
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["loss"][0] == pytest.approx(res["loss"][1], rel=1e-5)
+    assert res["grad_norm"][0] == pytest.approx(res["grad_norm"][1], rel=1e-4)
+    # plain SGD with lr 1: the parameter change IS the gradient, so this compares every
+    # gradient; BatchNorm running statistics (global over the data axis) are compared too
+    assert res["max_param_diff"] < 1e-4
+
+
+# ----------------------------------------------------------------------------- resume
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys, logging
+    logging.basicConfig(level=logging.INFO)
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_config
+    from covidmt_jax.train import train
+    c = tiny_config(steps={steps}, n=16)
+    c.checkpoint.every_steps = 2
+    c.data.val = {{}}
+    train(c, {workdir!r})
+""")
+
+
+def _final_params(workdir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    return load_file(str(workdir / "export" / "final" / "params.safetensors"))
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    steps = 24
+    tests_dir = str(Path(__file__).parent)
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    for d in (ref_dir, killed_dir):
+        (tmp_path / f"{d.name}.py").write_text(RUN_SCRIPT.format(tests=tests_dir, steps=steps, workdir=str(d)))
+    ref = subprocess.run([sys.executable, str(tmp_path / "ref.py")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "killed.py")], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = killed_dir / "checkpoints"
+    deadline = time.time() + 600
+    # kill as soon as the step-4 checkpoint is complete: mid-run, steps 5.. not yet all done
+    while time.time() < deadline and proc.poll() is None:
+        if (ckpts / "4").is_dir() and any((ckpts / "4").iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed:\n" + proc.stdout.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "export" / "final").exists()
+
+    resumed = subprocess.run([sys.executable, str(tmp_path / "killed.py")], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    rows = [json.loads(l) for l in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert train_steps == list(range(1, steps + 1)), "a step was repeated or skipped"
+    a, b = _final_params(ref_dir), _final_params(killed_dir)
+    assert set(a) == set(b)
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst < 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+
+
+# ----------------------------------------------------------------------------- NaN
+
+def test_nan_loss_stops_naming_step_and_task(tmp_path):
+    from covidmt_jax.checkpoint import TrainCheckpointer
+    from covidmt_jax.train import NonFiniteLossError, train
+    c = tiny_config(n_tasks=1, steps=40)
+    c.data.val = {}
+    c.checkpoint.every_steps = 1
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.0
+    c.optimizer.lr = 1e12  # diverges within a few steps
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+ in task\(s\) \['covid'\]") as err:
+        train(c, tmp_path)
+    bad_step = int(str(err.value).split("step ")[1].split()[0])
+    ck = TrainCheckpointer(tmp_path)
+    assert ck.latest_step() == bad_step - 1
+    ck.close()
+    assert not (tmp_path / "export" / "final").exists()
