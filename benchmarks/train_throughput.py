@@ -390,6 +390,87 @@ def bench_torch(model: BenchModel, size: int, batch: int, *, steps: int, warmup:
     return result
 
 
+# ----------------------------------------------------------------------------- conv probe
+
+def conv_probe(size: int, batch: int, *, groups: int = 32, width: int = 128, repeats: int = 2,
+               with_torch: bool = True) -> list[dict[str, Any]]:
+    """Time one 3x3 conv of layer1 (input ``[batch, size/4, size/4, width]``) grouped
+    (ResNeXt-50: ``groups``) and dense (``groups=1``): JAX forward, input gradient (dx) and
+    weight gradient (dw) each jitted alone, and torch forward / backward (dx + dw).
+
+    Also counts, in the compiled weight-gradient HLO, the convolutions XLA rewrote with
+    ``lhs_dilate`` (how XLA expresses a grouped conv's weight gradient). Returns rows
+    ``{"groups", "shape", "jax_fwd_ms", "jax_dx_ms", "jax_dw_ms", "torch_fwd_ms",
+    "torch_bwd_ms", "dilated_convs_in_dw"}``.
+    """
+    import jax
+
+    h = max(size // 4, 1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, h, h, width), dtype=np.float32)
+    cot = rng.standard_normal((batch, h, h, width), dtype=np.float32)
+
+    def best_ms(fn, *a):
+        jax.block_until_ready(fn(*a))
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            out.append(1e3 * (time.perf_counter() - t0))
+        return min(out)
+
+    rows = []
+    for g in (groups, 1):
+        w = (0.05 * rng.standard_normal((3, 3, width // g, width))).astype(np.float32)
+
+        def conv(x, w, g=g):
+            return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), feature_group_count=g,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        fwd = jax.jit(conv)
+        dx = jax.jit(lambda x, w, c: jax.vjp(lambda x: conv(x, w), x)[1](c)[0])
+        dw = jax.jit(lambda x, w, c: jax.vjp(lambda w: conv(x, w), w)[1](c)[0])
+        hlo = dw.lower(x, w, cot).compile().as_text()
+        row = {"groups": g, "shape": f"[{batch},{h},{h},{width}]", "jax_fwd_ms": best_ms(fwd, x, w),
+               "jax_dx_ms": best_ms(dx, x, w, cot), "jax_dw_ms": best_ms(dw, x, w, cot),
+               "dilated_convs_in_dw": sum("lhs_dilate" in line and "convolution(" in line
+                                          for line in hlo.splitlines())}
+        if with_torch and torch_available():
+            import torch
+            torch.set_num_threads(os.cpu_count() or 1)
+            conv_t = torch.nn.Conv2d(width, width, 3, padding=1, groups=g, bias=False).to(
+                memory_format=torch.channels_last)
+            conv_t.weight.data = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).contiguous(
+                memory_format=torch.channels_last)
+            xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            ct = torch.from_numpy(cot.transpose(0, 3, 1, 2).copy()).contiguous(
+                memory_format=torch.channels_last)
+            f_ms, b_ms = [], []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                out = conv_t(xt)
+                t1 = time.perf_counter()
+                out.backward(ct)
+                t2 = time.perf_counter()
+                f_ms.append(1e3 * (t1 - t0))
+                b_ms.append(1e3 * (t2 - t1))
+            row.update(torch_fwd_ms=min(f_ms[1:]), torch_bwd_ms=min(b_ms[1:]))
+        rows.append(row)
+    return rows
+
+
+def format_probe(rows: Sequence[dict[str, Any]]) -> str:
+    head = "| conv 3x3 | input | jax fwd ms | jax dx ms | jax dw ms | torch fwd ms | torch dx+dw ms | lhs-dilated convs in dw HLO |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        t = lambda k: f"{r[k]:.1f}" if k in r else "-"
+        lines.append(f"| groups={r['groups']} | {r['shape']} | {r['jax_fwd_ms']:.1f} | {r['jax_dx_ms']:.1f} | "
+                     f"{r['jax_dw_ms']:.1f} | {t('torch_fwd_ms')} | {t('torch_bwd_ms')} | "
+                     f"{r['dilated_convs_in_dw']} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- table
 
 def format_table(rows: Sequence[Measurement]) -> str:
@@ -428,6 +509,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-layout", choices=("channels_last", "contiguous"), default="channels_last")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--json", default="", help="write all measurements to this file")
+    p.add_argument("--conv-probe", action="store_true",
+                   help="also time one grouped (ResNeXt) and one dense 3x3 conv of layer1 at each "
+                        "size: forward, input and weight gradient, JAX vs torch")
     args = p.parse_args(argv)
     args.models = [parse_model(m.strip()) for m in args.models.split(",") if m.strip()]
     try:
@@ -488,12 +572,19 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
                 rows.append(bench_torch(m, size, args.batch, steps=args.steps, warmup=args.warmup,
                                         dtype=args.dtype, device=args.device, layout=args.torch_layout))
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    probes = {}
+    if args.conv_probe:
+        for size in args.sizes:
+            probes[size] = conv_probe(size, args.batch, with_torch=run_torch)
+            print(f"\nconv probe at {size} px (layer1, batch {args.batch}):\n" + format_probe(probes[size]),
+                  flush=True)
     print()
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"argv": argv, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-             "load_avg_end": os.getloadavg(), "rows": [r.row() for r in rows]}, indent=2))
+             "load_avg_end": os.getloadavg(), "rows": [r.row() for r in rows],
+             "conv_probe": probes}, indent=2))
     return rows
 
 

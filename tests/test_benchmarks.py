@@ -83,3 +83,13 @@ def test_cli_flags(bench):
     assert a.sizes == [224, 512] and a.dtype == "bfloat16" and a.batch == 12
     with pytest.raises(SystemExit):
         bench.parse_args(["--frameworks", "tf"])
+
+
+def test_conv_probe(bench):
+    rows = bench.conv_probe(16, 1, width=8, groups=4, repeats=1, with_torch=False)
+    assert [r["groups"] for r in rows] == [4, 1]
+    assert all(r[k] > 0 for r in rows for k in ("jax_fwd_ms", "jax_dx_ms", "jax_dw_ms"))
+    # XLA expresses the grouped conv's weight gradient as an lhs-dilated convolution
+    assert rows[0]["dilated_convs_in_dw"] >= 1 and rows[1]["dilated_convs_in_dw"] == 0
+    text = bench.format_probe(rows)
+    assert text.count("\n") == 3 and "groups=4" in text
