@@ -144,7 +144,7 @@ def make_train_step(graphdef, tasks: list[Task]):
         task_losses = {t.name: aux[f"{t.name}/loss"] for t in tasks}
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(v) for v in task_losses.values()]))
         new_state = _select(finite, nnx.state((model, optimizer)), state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite, **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite, **aux}
         return new_state, metrics
 
     return train_step
@@ -377,6 +377,14 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def quiet_libraries() -> None:
+    """Keep orbax / grain / absl INFO chatter out of the progress log."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "grain", "jax._src", "tensorflow_datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -389,6 +397,7 @@ def main(argv=None) -> None:
     def _main(_):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                             stream=sys.stdout, force=True)
+        quiet_libraries()
         try:
             train(flags_.config, flags_.workdir)
         except config_lib.ConfigError as e:
