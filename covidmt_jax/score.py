@@ -507,10 +507,19 @@ def load_one(source, index: int, pair_id: str, image_size: int, channel, label_c
 
 
 def prefetch_batches(load: Callable[[int, str], Loaded], items: Sequence[tuple[int, str]],
-                     batch_size: int, num_workers: int, prefetch: int = 2) -> Iterator[list[Loaded]]:
+                     batch_sizes: int | Sequence[int], num_workers: int,
+                     prefetch: int = 2) -> Iterator[list[Loaded]]:
     """Batches of :class:`Loaded` in order, decoded by a thread pool ``prefetch`` batches ahead
-    (Pillow and the JPEG codec release the GIL). Memory: ``(prefetch + 1) * batch_size`` pairs."""
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    (Pillow and the JPEG codec release the GIL). Memory: ``(prefetch + 1)`` batches of pairs.
+
+    ``batch_sizes``: one size for all batches, or the size of each batch in turn (a batch of
+    size 0 is yielded as an empty list)."""
+    if isinstance(batch_sizes, int):
+        batch_sizes = [min(batch_sizes, len(items) - i) for i in range(0, len(items), batch_sizes)]
+    bounds = np.cumsum([0, *batch_sizes])
+    if bounds[-1] != len(items):
+        raise ValueError(f"batch sizes sum to {bounds[-1]}, not the {len(items)} items")
+    chunks = [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     with ThreadPoolExecutor(max(1, int(num_workers))) as pool:
         pending = []
         for chunk in chunks[:prefetch + 1]:
@@ -717,9 +726,14 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     bar = _progress(len(todo), cfg.progress)
     start = time.time()
     n_done = 0
-    batches = prefetch_batches(load, todo, global_b, cfg.num_workers)
-    for bi, batch in enumerate(batches):
-        mine = batch[p * scorer.local_batch:(p + 1) * scorer.local_batch]
+    # this process decodes only its own slice of every global batch
+    lb = scorer.local_batch
+    sizes = [min(global_b, len(todo) - s0) for s0 in range(0, len(todo), global_b)]
+    mine_items = [it for s0 in range(0, len(todo), global_b)
+                  for it in todo[s0:s0 + global_b][p * lb:(p + 1) * lb]]
+    mine_counts = [len(todo[s0:s0 + global_b][p * lb:(p + 1) * lb]) for s0 in range(0, len(todo), global_b)]
+    batches = prefetch_batches(load, mine_items, mine_counts, cfg.num_workers)
+    for bi, (mine, n_batch) in enumerate(zip(batches, sizes)):
         good = [it for it in mine if not it.error]
         orig = trans = None
         s = scorer.image_size
@@ -736,8 +750,8 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
         rows = [r for r in rows if (r["pair_id"], r["model"]) not in done]
         if p == 0:
             store.append(rows)
-        n_done += len(batch)
-        bar.update(len(batch))
+        n_done += n_batch
+        bar.update(n_batch)
         if cfg.log_every and ((bi + 1) % cfg.log_every == 0 or n_done == len(todo)):
             rate = n_done / max(time.time() - start, 1e-9)
             log.info("scored %d/%d pairs  %.2f pairs/s  ETA %s", n_done, len(todo), rate,

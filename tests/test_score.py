@@ -279,3 +279,20 @@ def test_demo_config_needs_a_model():
         score_demo.get_config("")
     with pytest.raises(ValueError, match="unknown"):
         score_demo.get_config("model=x,colour=red")
+
+
+def test_throughput_benchmark_runs_tiny(monkeypatch):
+    """benchmarks/score_throughput.py end to end at a toy size (no timing asserted)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "score_throughput.py"
+    spec = importlib.util.spec_from_file_location("score_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv(bench._REEXEC_MARK, "1")  # never re-exec the test process
+    out = bench.main(["--sizes", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
+                      "--backbone", "resnet18", "--unet-width", "2", "--unet-depth", "2",
+                      "--frameworks", "jax,torch"])
+    frameworks = [r["framework"] for r in out["rows"]]
+    assert frameworks[0] == "jax" and len(out["rows"][0]["step_s"]) == 1
+    if bench.torch_available():
+        assert frameworks == ["jax", "torch"]
