@@ -390,7 +390,9 @@ def main(argv=None) -> None:
     from ml_collections import config_flags
 
     flags_ = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True)
+    # sys_argv: read --config.* overrides from argv, so in-process calls main([...]) work too
+    config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True,
+                                    sys_argv=argv if argv is not None else sys.argv)
     flags.DEFINE_string("workdir", None, "run directory (re-use it to resume)")
     flags.mark_flags_as_required(["config", "workdir"])
 
