@@ -71,17 +71,20 @@ def paper_data(c: ml_collections.ConfigDict, root: str = "/data") -> None:
     """Point ``c.data`` at the three real datasets in their published layouts under ``root``
     (``covidx/``, ``rsna/``, ``nih/``); change the paths with ``--config.data.train.<ds>.kwargs.*``."""
     c.data.train = {
+        # COVIDx3 ships no validation file: 2 % of its patients are held out (same split in
+        # data.val); COVID-19 rows are upsampled to the pneumonia count, as in the paper
         "covidx": dataset_entry("covidx", label_file=f"{root}/covidx/train_COVIDx3.txt",
-                                image_dir=f"{root}/covidx/train", upsample_covid=True),
-        "rsna": dataset_entry("rsna", labels_csv_or_zip=f"{root}/rsna/stage_2_train_labels.csv",
+                                image_dir=f"{root}/covidx/train", upsample_covid=True,
+                                holdout=0.02, holdout_part="keep"),
+        "rsna": dataset_entry("rsna", labels=f"{root}/rsna/stage_2_train_labels.csv",
                               image_dir=f"{root}/rsna/stage_2_train_images", holdout=0.25,
                               holdout_part="keep"),
         "nih": dataset_entry("nih", root=f"{root}/nih", split="train_val"),
     }
     c.data.val = {
-        "covidx": dataset_entry("covidx", label_file=f"{root}/covidx/test_COVIDx3.txt",
-                                image_dir=f"{root}/covidx/test"),
-        "rsna": dataset_entry("rsna", labels_csv_or_zip=f"{root}/rsna/stage_2_train_labels.csv",
+        "covidx": dataset_entry("covidx", label_file=f"{root}/covidx/train_COVIDx3.txt",
+                                image_dir=f"{root}/covidx/train", holdout=0.02, holdout_part="hold"),
+        "rsna": dataset_entry("rsna", labels=f"{root}/rsna/stage_2_train_labels.csv",
                               image_dir=f"{root}/rsna/stage_2_train_images", holdout=0.25,
                               holdout_part="hold"),
         "nih": dataset_entry("nih", root=f"{root}/nih", split="test"),

@@ -282,3 +282,21 @@ def test_nan_loss_stops_naming_step_and_task(tmp_path):
     assert ck.latest_step() == bad_step - 1
     ck.close()
     assert not (tmp_path / "export" / "final").exists()
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "configs").glob("*.py")
+                                                if not p.name.startswith("score_")))
+def test_every_training_config_validates_and_binds_its_sources(config_file):
+    """Each shipped config passes validation, and every data entry's kwargs bind to its
+    source's constructor (catches renamed arguments without needing the real datasets)."""
+    import importlib.util
+    import inspect
+    from covidmt_jax.data.sources import SOURCES
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / config_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(None)
+    config_lib.validate(c)
+    for split in ("train", "val"):
+        for ds, entry in c.data[split].items():
+            inspect.signature(SOURCES[entry.source]).bind(**entry.kwargs.to_dict())
