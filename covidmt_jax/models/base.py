@@ -32,8 +32,11 @@ class Backbone(nnx.Module):
     def features(self, x: jax.Array) -> dict[str, jax.Array]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:  # pragma: no cover
-        raise NotImplementedError
+    def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
+        """Default head: global average pooling -> ``self.fc`` (``[B, h, w, C] -> [B, K]``)."""
+        if getattr(self, "fc", None) is None:
+            raise ValueError(f"this {type(self).__name__} was built with num_classes=0 (backbone only)")
+        return self.fc(global_avg_pool(last_conv))
 
     def pooled(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, feature_channels['last_conv']]``."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covidmt_jax.models.base import Backbone
-from covidmt_jax.models.layers import PEPX, ConvBN, global_avg_pool, linear, max_pool
+from covidmt_jax.models.layers import PEPX, ConvBN, linear, max_pool
 from covidmt_jax.models.registry import register
 
 
@@ -79,10 +79,6 @@ class COVIDNet(Backbone):
         outs["last_conv"] = outs["c5"]
         return outs
 
-    def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
-        if self.fc is None:
-            raise ValueError("this COVIDNet was built with num_classes=0 (backbone only)")
-        return self.fc(global_avg_pool(last_conv))
 
 
 @register("covidnet")

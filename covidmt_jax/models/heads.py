@@ -150,13 +150,17 @@ def num_anchors_per_position(ratios: Sequence[float] = (0.5, 1.0, 2.0),
     return len(ratios) * len(scales)
 
 
+def _centre_size(boxes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """xyxy ``[..., 4]`` -> (centre x, centre y, width, height)."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
 def encode_boxes(boxes: jax.Array, anchors: jax.Array) -> jax.Array:
     """Regression targets ``[..., 4]`` of ``boxes`` w.r.t. ``anchors`` (both xyxy)."""
     wx, wy, ww, wh = BOX_CODER_WEIGHTS
-    aw = anchors[..., 2] - anchors[..., 0]
-    ah = anchors[..., 3] - anchors[..., 1]
-    ax = anchors[..., 0] + 0.5 * aw
-    ay = anchors[..., 1] + 0.5 * ah
+    ax, ay, aw, ah = _centre_size(anchors)
     bw = jnp.maximum(boxes[..., 2] - boxes[..., 0], 1e-3)
     bh = jnp.maximum(boxes[..., 3] - boxes[..., 1], 1e-3)
     bx = boxes[..., 0] + 0.5 * bw
@@ -168,10 +172,7 @@ def encode_boxes(boxes: jax.Array, anchors: jax.Array) -> jax.Array:
 def decode_boxes(deltas: jax.Array, anchors: jax.Array) -> jax.Array:
     """Inverse of :func:`encode_boxes`: ``[..., 4]`` deltas -> xyxy boxes in input pixels."""
     wx, wy, ww, wh = BOX_CODER_WEIGHTS
-    aw = anchors[..., 2] - anchors[..., 0]
-    ah = anchors[..., 3] - anchors[..., 1]
-    ax = anchors[..., 0] + 0.5 * aw
-    ay = anchors[..., 1] + 0.5 * ah
+    ax, ay, aw, ah = _centre_size(anchors)
     cx = deltas[..., 0] / wx * aw + ax
     cy = deltas[..., 1] / wy * ah + ay
     w = jnp.exp(jnp.minimum(deltas[..., 2] / ww, _BBOX_CLIP)) * aw

@@ -14,7 +14,7 @@ from flax import nnx
 
 from covidmt_jax.models.base import Backbone
 from covidmt_jax.models.layers import (BasicBlock, Bottleneck, batch_norm, conv2d,
-                                       global_avg_pool, linear, max_pool)
+                                       linear, max_pool)
 from covidmt_jax.models.registry import register
 
 
@@ -60,10 +60,6 @@ class ResNet(Backbone):
         outs["last_conv"] = outs["c5"]
         return outs
 
-    def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
-        if self.fc is None:
-            raise ValueError("this ResNet was built with num_classes=0 (backbone only)")
-        return self.fc(global_avg_pool(last_conv))
 
 
 @register("resnet18")

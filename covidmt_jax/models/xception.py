@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from covidmt_jax.models.base import Backbone
-from covidmt_jax.models.layers import (SeparableConv2d, batch_norm, conv2d, global_avg_pool,
+from covidmt_jax.models.layers import (SeparableConv2d, batch_norm, conv2d,
                                        linear, max_pool)
 from covidmt_jax.models.registry import register
 
@@ -112,10 +112,6 @@ class Xception(Backbone):
         outs["c5"] = outs["last_conv"] = x
         return outs
 
-    def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
-        if self.fc is None:
-            raise ValueError("this Xception was built with num_classes=0 (backbone only)")
-        return self.fc(global_avg_pool(last_conv))
 
 
 @register("xception")
