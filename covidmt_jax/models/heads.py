@@ -4,7 +4,8 @@ Box conventions: boxes are ``xyxy`` in pixels of the network input; anchors are 
 level by level (P3, P4, P5), then row-major over positions, then the ``A`` anchors of each
 position (ratios outer, scales inner), so a head output ``[B, h, w, A * k]`` reshapes to
 ``[B, h * w * A, k]`` in anchor order. Regression targets use the standard R-CNN encoding
-``(dx, dy, dw, dh)`` scaled by ``BOX_CODER_WEIGHTS`` (as torchvision's RetinaNet).
+``(dx, dy, dw, dh)`` with unit ``BOX_CODER_WEIGHTS`` (RetinaNet's; Faster R-CNN's 10/10/5/5
+would scale the squared-error box loss by ~100 and let it swamp the other tasks' gradients).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from flax import nnx
 
 from covidmt_jax.models.layers import ConvBN, conv2d, global_avg_pool, linear, resize_to
 
-BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 _BBOX_CLIP = math.log(1000.0 / 16)
 
 
