@@ -64,9 +64,17 @@ def _overlap(a: dict, b: dict, key: str = "score") -> bool:
     return not (a["hi"] < b["lo"] or b["hi"] < a["lo"])
 
 
-def findings(summary: dict[str, Any], base: str, mt: str) -> list[str]:
+def findings(summary: dict[str, Any], base: str, mt: str,
+             train_summaries: dict[str, dict] | None = None) -> list[str]:
     """Plain sentences computed from the numbers (no claim the CIs do not support)."""
     out = []
+    for name, s in (train_summaries or {}).items():
+        auc = s.get("final_eval", {}).get("covid/roc_auc")
+        if auc is not None and auc < 0.6:
+            out.append(f"Caution: {name} had NOT learned the COVID task in this budget (validation "
+                       f"ROC-AUC {auc:.2f}, chance is 0.5), so its PI and OLS describe a near-chance "
+                       "classifier, not a trained one; run longer (e.g. `--steps 600`) before "
+                       "comparing.")
     sb, sm = summary["models"][base], summary["models"][mt]
     if "pi" in sb and "pi" in sm:
         pb, pm = sb["pi"], sm["pi"]
@@ -96,7 +104,8 @@ def write_report(workdir: Path, train_summaries: dict[str, dict], score_summary:
              "same image after the `whatsapp` channel preset) carry the marker independently of "
              "the label. Lung masks come from the shipped lung U-Net (trained on real CXRs).", "",
              "## What this run shows", ""]
-    lines += [f"- {s}" for s in findings(score_summary, names["baseline"], names["covidmt"])]
+    lines += [f"- {s}" for s in findings(score_summary, names["baseline"], names["covidmt"],
+                                         train_summaries)]
     lines += ["- These are phantoms and small models trained for minutes: the numbers show the "
               "machinery working end to end, not the paper's clinical result.", "",
               "## Training (validation metrics at the end of training)", "",
@@ -157,7 +166,7 @@ def run(args) -> Path:
     score_summary = json.loads((score_dir / "summary.json").read_text())
     path = write_report(workdir, summaries, score_summary, score_dir, names, timings, args)
     print(f"report: {path}", flush=True)
-    for line in findings(score_summary, names["baseline"], names["covidmt"]):
+    for line in findings(score_summary, names["baseline"], names["covidmt"], summaries):
         print("  " + line, flush=True)
     return path
 
