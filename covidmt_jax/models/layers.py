@@ -10,6 +10,7 @@ with ``model.train()`` / ``nnx.view(model, use_running_average=False)``.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import jax
@@ -29,6 +30,73 @@ def torch_padding(kernel_size: int, padding: int | None = None, dilation: int = 
     return ((p, p), (p, p))
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, groups: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                        feature_group_count=groups)
+
+
+def _grouped_conv_fwd(x, w, strides, padding, groups):
+    return _grouped_conv(x, w, strides, padding, groups), (x, w)
+
+
+def _grouped_conv_bwd(strides, padding, groups, res, dy):
+    """Input gradient from XLA; weight gradient as ``kh * kw`` batched matmuls over groups.
+
+    XLA:CPU lowers the weight gradient of a grouped conv to an lhs-dilated 3-D convolution
+    with no fast kernel (measured ~100x slower than the dense case, benchmarks/README.md);
+    ``dW[i, j, :, g*co:(g+1)*co] = patches_ij(x)[..., g]^T @ dy[..., g]`` is the same sum.
+    """
+    x, w = res
+    _, vjp_x = jax.vjp(lambda x_: jax.lax.conv_general_dilated(
+        x_, w, strides, padding, dimension_numbers=_NHWC, feature_group_count=groups), x)
+    (dx,) = vjp_x(dy)
+    kh, kw, cin, cout_all = w.shape
+    b, ho, wo, _ = dy.shape
+    sh, sw = strides
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    dyg = dy.reshape(b * ho * wo, groups, cout_all // groups)
+    rows = []
+    for i in range(kh):
+        cols = []
+        for j in range(kw):
+            patch = jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
+                                  (1, sh, sw, 1))
+            pg = patch.reshape(b * ho * wo, groups, cin)
+            g_io = jnp.einsum("ngi,ngo->gio", pg, dyg, preferred_element_type=jnp.float32)
+            cols.append(g_io.transpose(1, 0, 2).reshape(cin, cout_all))
+        rows.append(jnp.stack(cols))
+    dw = jnp.stack(rows).astype(w.dtype)
+    return dx, dw
+
+
+_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, **kwargs):
+    """``lax.conv_general_dilated`` with a fast weight gradient for grouped convs on CPU.
+
+    Used by every grouped / depthwise conv of the zoo (ResNeXt, Xception, PEPX). Same
+    forward and input gradient as XLA; on the CPU backend the weight gradient is computed
+    by :func:`_grouped_conv_bwd` (identical sums, tested against XLA's). Anything else
+    (dense convs, dilation, other backends, other layouts) goes straight to lax.
+    """
+    simple = (feature_group_count > 1 and jax.default_backend() == "cpu"
+              and all(d in (None, 1) for d in (lhs_dilation or (1,))) and all(d in (None, 1) for d in (rhs_dilation or (1,)))
+              and not isinstance(padding, str) and lhs.ndim == 4
+              and (dimension_numbers is None or tuple(getattr(dimension_numbers, "lhs_spec", ())) == (0, 3, 1, 2))
+              and kwargs.get("preferred_element_type") is None and kwargs.get("out_sharding") is None)
+    if simple:
+        pad = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return _grouped_conv(lhs, rhs, tuple(int(s) for s in window_strides), pad, int(feature_group_count))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, **kwargs)
+
+
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
            padding: int | None = None, groups: int = 1, bias: bool = False,
            dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
@@ -40,6 +108,7 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                     padding=torch_padding(kernel_size, padding), feature_group_count=groups,
                     use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                    conv_general_dilated=conv_general_dilated if groups > 1 else jax.lax.conv_general_dilated,
                     rngs=rngs)
 
 
