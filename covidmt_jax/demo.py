@@ -35,21 +35,10 @@ def demo_train_config(model: str, *, size: int, n: int, shortcut: float, steps: 
 
 
 def demo_score_config(models: dict[str, Path], *, size: int, n_pairs: int, lungs: str):
-    from covidmt_jax.score import base_config, classifier_entry
-    c = base_config()
-    c.classifiers = {name: classifier_entry("export", str(path)) for name, path in models.items()}
-    c.lungs = lungs
-    c.pairs.source = "synthetic_pairs"
+    from covidmt_jax.score import synthetic_config
     # test phantoms: the corner marker is present at random, independent of the label (0.5)
-    c.pairs.kwargs = {"n": n_pairs, "size": size, "seed": 1, "split": "test", "channel": "whatsapp",
-                      "shortcut_strength": 0.5}
-    c.image_size = size
-    c.batch_size = 16
-    c.num_workers = 2
-    c.n_boot = 1000
-    c.gallery.flipped = 4
-    c.gallery.random = 4
-    c.log_every = 5
+    c = synthetic_config({k: str(v) for k, v in models.items()}, size=size, n=n_pairs, lungs=lungs,
+                         gallery=4, seed=1, split="test", shortcut_strength=0.5)
     c.progress = False
     return c
 

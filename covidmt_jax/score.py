@@ -154,6 +154,28 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def synthetic_config(models: Mapping[str, str], *, size: int = 128, n: int = 200, lungs: str = "",
+                     channel: str = "whatsapp", quality: int = 0, gallery: int = 6,
+                     **pair_kwargs: Any) -> ml_collections.ConfigDict:
+    """Score exported ``{name: dir}`` models on synthetic phantom pairs sent through
+    ``channel`` (``configs/score_demo.py`` and the demo use it; ``pair_kwargs`` go to the
+    ``synthetic_pairs`` source, e.g. ``shortcut_strength``, ``seed``, ``split``)."""
+    c = base_config()
+    c.classifiers = {name: classifier_entry("export", str(path)) for name, path in models.items()}
+    c.lungs = lungs
+    c.pairs.source = "synthetic_pairs"
+    c.pairs.kwargs = {"n": int(n), "size": int(size), "seed": 0, "channel": channel, **pair_kwargs}
+    c.pairs.quality = int(quality)
+    c.image_size = int(size)
+    c.batch_size = 16
+    c.num_workers = 2
+    c.n_boot = 1000
+    c.gallery.flipped = gallery
+    c.gallery.random = gallery
+    c.log_every = 5
+    return c
+
+
 def _check_keys(section: Mapping, reference: Mapping, where: str) -> None:
     unknown = sorted(set(section.keys()) - set(reference.keys()))
     if unknown:
