@@ -238,10 +238,12 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif model != "covidmt":
         raise ValueError(f"model must be covidmt or baseline, got {model!r}")
     c.steps_per_epoch = n // c.data.per_task_batch
-    c.epochs = 3
+    # 6 epochs: the six-task model needs about that many to learn the COVID task at all
+    # (measured: validation ROC-AUC 0.52 after 3 epochs, 0.81 after 6); same recipe for both
+    c.epochs = 6
     c.total_steps = int(opts.get("steps", -1))
     c.optimizer.lr = 1e-3
-    c.optimizer.milestones = (2,)
+    c.optimizer.milestones = (5,)
     c.log_every_steps = 10
     c.checkpoint.every_steps = 50
     return c

@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True, help="output folder (re-use it to resume)")
     p.add_argument("--size", type=int, default=128, help="phantom / model input size in px")
     p.add_argument("--n", type=int, default=480, help="training phantoms per dataset")
-    p.add_argument("--steps", type=int, default=-1, help="training steps per model (-1: 3 epochs)")
+    p.add_argument("--steps", type=int, default=-1, help="training steps per model (-1: 6 epochs)")
     p.add_argument("--shortcut", type=float, default=0.9, help="out-of-lung cue/label agreement in training")
     p.add_argument("--pairs", type=int, default=200, help="test pairs to score")
     p.add_argument("--lungs", default="", help="lung U-Net export dir (default: the shipped one)")
