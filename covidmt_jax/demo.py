@@ -65,6 +65,10 @@ def findings(summary: dict[str, Any], base: str, mt: str,
                        "classifier, not a trained one; run longer (e.g. `--steps 600`) before "
                        "comparing.")
     sb, sm = summary["models"][base], summary["models"][mt]
+    auc = {n: s.get("classification", {}).get("original", {}).get("roc_auc") for n, s in ((base, sb), (mt, sm))}
+    if all(v is not None for v in auc.values()):
+        out.append(f"Accuracy on the test phantoms (ROC-AUC on originals): {mt} {auc[mt]:.2f}, "
+                   f"{base} {auc[base]:.2f} — saliency scores compare models of this accuracy.")
     if "pi" in sb and "pi" in sm:
         pb, pm = sb["pi"], sm["pi"]
         rel = "lower" if pm["score"] < pb["score"] else "higher" if pm["score"] > pb["score"] else "equal"
