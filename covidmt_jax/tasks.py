@@ -18,6 +18,7 @@ its label (:func:`total_loss`). Batches follow docs/architecture.md: ``labels`` 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -85,7 +86,7 @@ def _masked_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-class Task:
+class Task(abc.ABC):
     """Base class: ``loss`` (jit-able, on model outputs and a batch) and metrics."""
     kind: ClassVar[str]
 
@@ -98,16 +99,19 @@ class Task:
     def prepare(self, model: Any, image_hw: tuple[int, int]) -> None:
         """Shape-only set-up before training (e.g. anchors); nothing by default."""
 
+    @abc.abstractmethod
     def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
              model: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        raise NotImplementedError
+        """``(mean loss over the samples carrying this task's label, {name: aux scalar})``."""
 
+    @abc.abstractmethod
     def eval_outputs(self, outputs: Mapping[str, Any], batch: Mapping[str, Any],
                      model: Any = None) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Per-batch host values to collect (arrays are concatenated, lists extended)."""
 
+    @abc.abstractmethod
     def summarize(self, collected: Mapping[str, np.ndarray]) -> dict[str, float]:
-        raise NotImplementedError
+        """Metrics of the whole evaluation set from the collected values."""
 
 
 class ClassificationTask(Task):

@@ -30,7 +30,8 @@ class Backbone(nnx.Module):
     in_channels: int
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        """``{"c3", "c4", "c5", "last_conv"}`` feature maps; every zoo backbone overrides it."""
+        raise NotImplementedError(f"{type(self).__name__} must define features()")
 
     def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
         """Default head: global average pooling -> ``self.fc`` (``[B, h, w, C] -> [B, K]``)."""
