@@ -73,11 +73,7 @@ _REEXEC_MARK = "COVIDMT_SCORE_BENCH_REEXECUTED"
 
 
 def _reexec_with_malloc_env(argv: Sequence[str]) -> None:
-    if os.environ.get(_REEXEC_MARK) or all(k in os.environ for k in MALLOC_ENV):
-        return
-    env = {**MALLOC_ENV, **os.environ, _REEXEC_MARK: "1"}
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    _TT._reexec_with_malloc_env(argv, __file__, _REEXEC_MARK)
 
 
 def _peak_rss_mb() -> float:

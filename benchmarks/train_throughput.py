@@ -529,13 +529,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _reexec_with_malloc_env(argv: Sequence[str]) -> None:
-    """Re-execute this script once with the ``MALLOC_*`` tunables (read at process start)."""
-    if os.environ.get(_REEXEC_MARK) or all(k in os.environ for k in MALLOC_ENV):
+def _reexec_with_malloc_env(argv: Sequence[str], script: str | Path = __file__,
+                            mark: str = _REEXEC_MARK) -> None:
+    """Re-execute ``script`` once with the ``MALLOC_*`` tunables (read at process start)."""
+    if os.environ.get(mark) or all(k in os.environ for k in MALLOC_ENV):
         return
-    env = {**MALLOC_ENV, **os.environ, _REEXEC_MARK: "1"}
+    env = {**MALLOC_ENV, **os.environ, mark: "1"}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    os.execve(sys.executable, [sys.executable, str(Path(script).resolve()), *argv], env)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:

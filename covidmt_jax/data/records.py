@@ -94,6 +94,15 @@ def check_on_error(on_error: str) -> str:
     return on_error
 
 
+def skip_or_raise(error: "DataError", on_error: str, skipped: list | None) -> None:
+    """Parsers' error policy: re-raise ``error`` unless ``on_error == "skip"``, in which case
+    record ``(path, problem)`` in ``skipped`` (when given) so it is reported, never silent."""
+    if on_error != "skip":
+        raise error
+    if skipped is not None:
+        skipped.append((error.path, error.problem))
+
+
 def is_image_name(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(IMAGE_EXTENSIONS)
 

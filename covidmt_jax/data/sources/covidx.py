@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from covidmt_jax.data.records import DataError, Source, iter_lines
+from covidmt_jax.data.records import DataError, Source, iter_lines, skip_or_raise
 from covidmt_jax.data.sources import register_source
 
 __all__ = ["COVIDxRow", "parse_covidx", "COVIDxSource", "COVIDX_CLASSES", "POSITIVE_CLASSES"]
@@ -79,10 +79,7 @@ def parse_covidx(path: str | os.PathLike, *, on_error: str = "raise",
                 raise DataError(path, f"line {n}: file {row.filename!r} already listed on line "
                                       f"{first_line[row.filename]}")
         except DataError as e:
-            if on_error != "skip":
-                raise
-            if skipped is not None:
-                skipped.append((e.path, e.problem))
+            skip_or_raise(e, on_error, skipped)
             continue
         first_line[row.filename] = n
         rows.append(row)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from covidmt_jax.data.records import DataError, Source, index_files, iter_csv, iter_lines
+from covidmt_jax.data.records import DataError, Source, index_files, iter_csv, iter_lines, skip_or_raise
 from covidmt_jax.data.sources import register_source
 
 __all__ = ["NIH_FINDINGS", "PAPER_LABELS", "NIHRow", "parse_data_entry", "parse_bbox_list",
@@ -92,10 +92,7 @@ def parse_data_entry(path: str | os.PathLike, *, on_error: str = "raise",
             except ValueError as e:
                 raise DataError(path, f"line {n}: non-numeric field: {e}") from None
         except DataError as e:
-            if on_error != "skip":
-                raise
-            if skipped is not None:
-                skipped.append((e.path, e.problem))
+            skip_or_raise(e, on_error, skipped)
             continue
         seen[key] = n
         rows.append(r)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from covidmt_jax.data.records import DataError, Source, index_files, iter_csv
+from covidmt_jax.data.records import DataError, Source, index_files, iter_csv, skip_or_raise
 from covidmt_jax.data.sources import register_source
 
 __all__ = ["RSNAPatient", "parse_rsna_labels", "parse_rsna_class_info", "RSNASource", "RSNA_IMAGE_SIZE"]
@@ -76,10 +76,7 @@ def parse_rsna_labels(path: str | os.PathLike, *, image_size: int = RSNA_IMAGE_S
             elif target == 0:
                 raise DataError(path, f"line {n}: patient {pid} has a second Target 0 row (line {p.lines[0]})")
         except DataError as e:
-            if on_error != "skip":
-                raise
-            if skipped is not None:
-                skipped.append((e.path, e.problem))
+            skip_or_raise(e, on_error, skipped)
             continue
         p.lines.append(n)
         if box is not None:
