@@ -208,12 +208,20 @@ def test_orbax_round_trip_of_model_state(tmp_path):
     ((2, 9, 10, 8), 4, 3, 1, 1, 1),    # ResNeXt-style grouped 3x3
     ((2, 10, 11, 8), 4, 3, 2, 1, 1),   # strided
     ((2, 8, 9, 6), 6, 3, 1, 1, 2),     # depthwise with channel multiplier
-    ((2, 11, 12, 12), 3, 1, 2, 0, 1),  # 1x1 strided
+    ((2, 11, 12, 12), 3, 1, 2, 0, 1),  # grouped 1x1 strided
+    ((2, 9, 10, 32), 2, 3, 1, 1, 1),   # 16 channels per group: XLA's grouped kernel
+    ((2, 9, 10, 8), 1, 3, 1, 1, 1),    # dense 3x3, small output: XLA's weight gradient
+    ((1, 100, 98, 3), 1, 3, 1, 1, 2),  # dense 3x3, >= TAP_DW_MIN_PIXELS: per-tap matmul dW
+    ((1, 193, 195, 2), 1, 3, 2, 1, 2), # dense strided 3x3, odd sizes, 97x98 out: tap dW
+    ((2, 11, 12, 8), 1, 1, 1, 0, 2),   # dense 1x1: one matmul
+    ((2, 11, 12, 8), 1, 1, 2, 0, 2),   # dense 1x1 strided (odd sizes)
+    ((2, 13, 12, 3), 1, 7, 2, 3, 4),   # 7x7 stem
 ])
-def test_grouped_conv_gradients_equal_xla(shape, groups, kernel, stride, pad, mult):
-    """The CPU fast path for grouped-conv weight gradients computes XLA's exact sums."""
+def test_cpu_conv_paths_equal_xla(shape, groups, kernel, stride, pad, mult):
+    """The CPU fast paths of layers.conv_general_dilated (1x1 as a matmul, per-tap matmul
+    weight gradients) compute XLA's exact outputs and gradients."""
     from jax import lax
-    from covidmt_jax.models.layers import conv_general_dilated
+    from covidmt_jax.models import layers
     rng = np.random.RandomState(0)
     c = shape[-1]
     x = jnp.asarray(rng.randn(*shape), jnp.float32)
@@ -225,7 +233,26 @@ def test_grouped_conv_gradients_equal_xla(shape, groups, kernel, stride, pad, mu
         return lambda x, w: jnp.sum(jnp.sin(fn(x, w, (stride, stride), padding, dimension_numbers=dn,
                                                feature_group_count=groups)))
 
+    y_ref = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
+                                     feature_group_count=groups)
+    y = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn,
+                                                         feature_group_count=groups))(x, w)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-4)
     ref = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
-    ours = jax.jit(jax.grad(loss(conv_general_dilated), (0, 1)))(x, w)
+    ours = jax.jit(jax.grad(loss(layers.conv_general_dilated), (0, 1)))(x, w)
     for a, b in zip(ref, ours):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_conv_paths_are_taken():
+    """The fast paths are really used on CPU: a 1x1 conv is a matmul, and a large dense 3x3
+    conv's weight gradient is 9 matmuls (its input is not differentiated here)."""
+    from covidmt_jax.models import layers
+    x = jnp.ones((1, 100, 100, 4), jnp.float32)
+    w1 = jnp.ones((1, 1, 4, 8), jnp.float32)
+    hlo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)))).lower(x, w1).as_text()
+    assert "convolution" not in hlo and "dot_general" in hlo
+    w3 = jnp.ones((3, 3, 4, 8), jnp.float32)
+    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))))
+                 ).lower(w3).as_text()
+    assert "convolution" not in dw and dw.count("dot_general") == 9

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from covidmt_jax.models.layers import ConvBN, conv2d, global_avg_pool, linear, resize_to
+from covidmt_jax.models.layers import ConvBN, conv2d, conv_general_dilated, global_avg_pool, linear, resize_to
 
 BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 _BBOX_CLIP = math.log(1000.0 / 16)
@@ -79,10 +79,12 @@ class RetinaSubnet(nnx.Module):
         init = nnx.initializers.normal(0.01)
         self.convs = nnx.List([nnx.Conv(channels, channels, (3, 3), padding=((1, 1), (1, 1)),
                                         kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
-                                        rngs=rngs) for _ in range(n_convs)])
+                                        conv_general_dilated=conv_general_dilated, rngs=rngs)
+                                for _ in range(n_convs)])
         self.out = nnx.Conv(channels, num_anchors * out_per_anchor, (3, 3), padding=((1, 1), (1, 1)),
                             kernel_init=init, bias_init=nnx.initializers.constant(prior_bias),
-                            dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                            dtype=dtype, param_dtype=jnp.float32,
+                            conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.out_per_anchor = out_per_anchor
 
     def __call__(self, x: jax.Array) -> jax.Array:

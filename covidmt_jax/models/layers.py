@@ -33,68 +33,130 @@ def torch_padding(kernel_size: int, padding: int | None = None, dilation: int = 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _grouped_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, groups: int) -> jax.Array:
+# Weight gradients of dense kxk convs switch from XLA's kernel to per-tap matmuls once the
+# output has at least this many pixels: XLA:CPU's dW slows super-linearly with the spatial
+# size (ResNet-50 at 512 px, 3x3 64->64 conv on [12, 128, 128]: 352 ms, as matmuls 225 ms;
+# at [12, 56, 56] XLA's 21 ms beats the matmuls' 40 ms; benchmarks/README.md).
+TAP_DW_MIN_PIXELS = 96 * 96
+
+
+def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: int):
+    """``(i, j, x_ij)``: the (padded) input pixels kernel tap ``(i, j)`` meets, ``[B, ho, wo, C]``."""
+    b, _, _, c = xp.shape
+    sh, sw = strides
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                                      (1, sh, sw, 1))
+
+
+# Grouped convs with at most this many input channels per group (and at most this many
+# groups) run forward and input gradient as ONE dense conv with a block-diagonal kernel on
+# CPU: G times the FLOPs, yet XLA:CPU's dense kernel is that much faster than its grouped
+# one (ResNeXt-50 layer1, [12, 56, 56, 128], 32 groups of 4: fwd+dx 300 ms grouped, 66 ms
+# dense; with 16 channels per group the grouped kernel wins again).
+DENSE_GROUPED_MAX_CHANNELS = 8
+DENSE_GROUPED_MAX_GROUPS = 64
+
+
+def block_diagonal_kernel(w: jax.Array, groups: int) -> jax.Array:
+    """Grouped HWIO kernel ``[kh, kw, cin/G, cout]`` -> dense ``[kh, kw, cin, cout]`` whose
+    off-diagonal group blocks are zero (same conv, one group)."""
+    kh, kw, cg, cout = w.shape
+    wg = w.reshape(kh, kw, cg, groups, cout // groups)
+    full = jnp.einsum("hwigo,gG->hwGigo", wg, jnp.eye(groups, dtype=w.dtype))
+    return full.reshape(kh, kw, groups * cg, cout)
+
+
+def _xla_conv(x, w, strides, padding, groups):
+    """XLA's conv, or for narrow groups the equal dense conv with a block-diagonal kernel."""
+    if 1 < groups <= DENSE_GROUPED_MAX_GROUPS and w.shape[2] <= DENSE_GROUPED_MAX_CHANNELS:
+        w, groups = block_diagonal_kernel(w, groups), 1
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                         feature_group_count=groups)
 
 
-def _grouped_conv_fwd(x, w, strides, padding, groups):
-    return _grouped_conv(x, w, strides, padding, groups), (x, w)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _cpu_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, groups: int) -> jax.Array:
+    return _xla_conv(x, w, strides, padding, groups)
 
 
-def _grouped_conv_bwd(strides, padding, groups, res, dy):
-    """Input gradient from XLA; weight gradient as ``kh * kw`` batched matmuls over groups.
+def _cpu_conv_fwd(x, w, strides, padding, groups):
+    return _cpu_conv(x, w, strides, padding, groups), (x, w)
+
+
+def _cpu_conv_bwd(strides, padding, groups, res, dy):
+    """Input gradient from XLA; weight gradient as ``kh * kw`` (batched) matmuls where faster.
 
     XLA:CPU lowers the weight gradient of a grouped conv to an lhs-dilated 3-D convolution
-    with no fast kernel (measured ~100x slower than the dense case, benchmarks/README.md);
-    ``dW[i, j, :, g*co:(g+1)*co] = patches_ij(x)[..., g]^T @ dy[..., g]`` is the same sum.
+    with no fast kernel (measured ~100x slower than the dense case), and its dense dW slows
+    super-linearly with the pixel count. ``dW[i, j, :, g*co:(g+1)*co] = x_ij[..., g]^T @
+    dy[..., g]`` (``x_ij`` from :func:`_tap_slices`) is the same sum as plain matmuls.
     """
     x, w = res
-    _, vjp_x = jax.vjp(lambda x_: jax.lax.conv_general_dilated(
-        x_, w, strides, padding, dimension_numbers=_NHWC, feature_group_count=groups), x)
-    (dx,) = vjp_x(dy)
     kh, kw, cin, cout_all = w.shape
     b, ho, wo, _ = dy.shape
-    sh, sw = strides
+    if groups == 1 and ho * wo < TAP_DW_MIN_PIXELS:
+        _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, strides, padding, groups), x, w)
+        return vjp(dy)
+    _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups), x)
+    (dx,) = vjp_x(dy)
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     dyg = dy.reshape(b * ho * wo, groups, cout_all // groups)
-    rows = []
-    for i in range(kh):
-        cols = []
-        for j in range(kw):
-            patch = jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, xp.shape[3]),
-                                  (1, sh, sw, 1))
-            pg = patch.reshape(b * ho * wo, groups, cin)
-            g_io = jnp.einsum("ngi,ngo->gio", pg, dyg, preferred_element_type=jnp.float32)
-            cols.append(g_io.transpose(1, 0, 2).reshape(cin, cout_all))
-        rows.append(jnp.stack(cols))
-    dw = jnp.stack(rows).astype(w.dtype)
-    return dx, dw
+    taps = {}
+    for i, j, x_ij in _tap_slices(xp, kh, kw, strides, ho, wo):
+        g_io = jnp.einsum("ngi,ngo->gio", x_ij.reshape(b * ho * wo, groups, cin), dyg,
+                          preferred_element_type=jnp.float32)
+        taps[i, j] = g_io.transpose(1, 0, 2).reshape(cin, cout_all)
+    dw = jnp.stack([jnp.stack([taps[i, j] for j in range(kw)]) for i in range(kh)])
+    return dx, dw.astype(w.dtype)
 
 
-_grouped_conv.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
+_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def _pointwise_conv(x: jax.Array, w: jax.Array, strides: tuple, precision=None) -> jax.Array:
+    """An unpadded 1x1 conv as one matmul: ``x[:, ::sh, ::sw]`` as ``[B*H'*W', Cin] @ w [Cin, Cout]``.
+
+    On XLA:CPU this beats the convolution kernel 2-10x in each of forward, input gradient and
+    weight gradient (all three become matmuls; 36 of ResNet-50's 53 convs are 1x1).
+    """
+    sh, sw = strides
+    if (sh, sw) != (1, 1):
+        x = x[:, ::sh, ::sw, :]
+    b, h, wd, cin = x.shape
+    y = jnp.dot(x.reshape(b * h * wd, cin), w.reshape(cin, w.shape[-1]), precision=precision)
+    return y.reshape(b, h, wd, w.shape[-1])
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, **kwargs):
-    """``lax.conv_general_dilated`` with a fast weight gradient for grouped convs on CPU.
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` with CPU-fast paths; every conv of the zoo goes through it.
 
-    Used by every grouped / depthwise conv of the zoo (ResNeXt, Xception, PEPX). Same
-    forward and input gradient as XLA; on the CPU backend the weight gradient is computed
-    by :func:`_grouped_conv_bwd` (identical sums, tested against XLA's). Anything else
-    (dense convs, dilation, other backends, other layouts) goes straight to lax.
+    On the CPU backend, for NHWC/HWIO convs without dilation: unpadded 1x1 convs run as one
+    matmul (:func:`_pointwise_conv`); other convs keep XLA's forward and input gradient but
+    take the weight gradient from per-tap matmuls when grouped or large (:func:`_cpu_conv_bwd`).
+    Both are tested equal to XLA's sums (tests/test_models.py). Other backends (GPU/TPU
+    have fast conv kernels), other layouts and dilated convs go straight to lax.
     """
-    simple = (feature_group_count > 1 and jax.default_backend() == "cpu"
-              and all(d in (None, 1) for d in (lhs_dilation or (1,))) and all(d in (None, 1) for d in (rhs_dilation or (1,)))
-              and not isinstance(padding, str) and lhs.ndim == 4
-              and (dimension_numbers is None or tuple(getattr(dimension_numbers, "lhs_spec", ())) == (0, 3, 1, 2))
+    nhwc = dimension_numbers is None or (
+        tuple(getattr(dimension_numbers, "lhs_spec", ())) == (0, 3, 1, 2)
+        and tuple(getattr(dimension_numbers, "rhs_spec", ())) == (3, 2, 0, 1)
+        and tuple(getattr(dimension_numbers, "out_spec", ())) == (0, 3, 1, 2))
+    simple = (jax.default_backend() == "cpu" and nhwc and lhs.ndim == 4 and not isinstance(padding, str)
+              and all(d in (None, 1) for d in (lhs_dilation or (1,)))
+              and all(d in (None, 1) for d in (rhs_dilation or (1,)))
               and kwargs.get("preferred_element_type") is None and kwargs.get("out_sharding") is None)
     if simple:
         pad = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return _grouped_conv(lhs, rhs, tuple(int(s) for s in window_strides), pad, int(feature_group_count))
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, **kwargs)
+        strides = tuple(int(s) for s in window_strides)
+        if rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(p == (0, 0) for p in pad):
+            return _pointwise_conv(lhs, rhs, strides, precision)
+        if precision is None:
+            return _cpu_conv(lhs, rhs, strides, pad, int(feature_group_count))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision, **kwargs)
 
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
@@ -108,7 +170,7 @@ def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
                     padding=torch_padding(kernel_size, padding), feature_group_count=groups,
                     use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                    conv_general_dilated=conv_general_dilated if groups > 1 else jax.lax.conv_general_dilated,
+                    conv_general_dilated=conv_general_dilated,
                     rngs=rngs)
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from covidmt_jax.models.layers import batch_norm, conv2d, max_pool
+from covidmt_jax.models.layers import batch_norm, conv2d, conv_general_dilated, max_pool
 from covidmt_jax.models.registry import register
 
 
@@ -56,8 +56,8 @@ class UNet(nnx.Module):
                               dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
             for i in reversed(range(depth))])
         self.dec = nnx.List([DoubleConv(2 * widths[i], widths[i], **kw) for i in reversed(range(depth))])
-        self.head = nnx.Conv(widths[0], self.num_classes, (1, 1), dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)
+        self.head = nnx.Conv(widths[0], self.num_classes, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+                             conv_general_dilated=conv_general_dilated, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H, W, 1]`` mask logits (float32)."""
