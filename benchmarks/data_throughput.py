@@ -32,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "8000000000",
-           "MALLOC_TOP_PAD_": "1000000000"}
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from covidmt_jax.cpu_malloc import MALLOC_ENV as _MALLOC  # noqa: E402
 
 import numpy as np  # noqa: E402
 

@@ -32,9 +32,9 @@ on the box subnet's kernels. That is slightly less work than the JAX step (which
 anchors to boxes inside the step), so the ratio slightly favours the reference.
 
 Launch (glibc reads its ``MALLOC_*`` tunables only at process start, so the script re-executes
-itself once with the values of docs/HELPERS.md unless they are already set; this equals)::
+itself once with the values of covidmt_jax/cpu_malloc.py unless they are already set; this equals)::
 
-    MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 \
+    MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=2000000000000 \
     MALLOC_TOP_PAD_=1000000000 python benchmarks/train_throughput.py \
         --sizes 224,512 --models covidmt_resnext50,resnet50 --steps 5 --warmup 3
 
@@ -66,8 +66,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "8000000000",
-              "MALLOC_TOP_PAD_": "1000000000"}
+from covidmt_jax.cpu_malloc import MALLOC_ENV  # noqa: E402  (glibc settings; see that module)
+
 _REEXEC_MARK = "COVIDMT_BENCH_REEXECUTED"
 
 # short names -> zoo / torchvision names
@@ -509,6 +509,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-layout", choices=("channels_last", "contiguous"), default="channels_last")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--json", default="", help="write all measurements to this file")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure everything in this process (default: one child process per "
+                        "model/size/framework, so that one measurement's freed memory, kept by "
+                        "the MALLOC settings, cannot push the next one out of RAM)")
     p.add_argument("--conv-probe", action="store_true",
                    help="also time one grouped (ResNeXt) and one dense 3x3 conv of layer1 at each "
                         "size: forward, input and weight gradient, JAX vs torch")
@@ -527,6 +531,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device == "gpu":
         args.dtype = "bfloat16"  # GPU mode: bf16 compute for JAX, autocast bf16 for torch
     return args
+
+
+def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framework: str) -> Measurement:
+    """One measurement in a fresh interpreter (same flags, one model/size/framework)."""
+    import subprocess
+    import tempfile
+
+    keep, skip = [], False
+    for a in argv:  # drop the selection and output flags; the child gets its own
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--models", "--sizes", "--frameworks", "--json"):
+            skip = "=" not in a
+            continue
+        if name in ("--conv-probe", "--in-process"):
+            continue
+        keep.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--in-process",
+               "--models", model.name, "--sizes", str(size), "--frameworks", framework, "--json", str(out)]
+        proc = subprocess.run(cmd, env={**os.environ}, text=True, capture_output=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise SystemExit(f"measurement {model.name} {size} px {framework} failed "
+                             f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        (row,) = json.loads(out.read_text())["rows"]
+    fields = {f.name for f in dataclasses.fields(Measurement)}
+    return Measurement(**{k: v for k, v in row.items() if k in fields})
 
 
 def _reexec_with_malloc_env(argv: Sequence[str], script: str | Path = __file__,
@@ -563,16 +597,18 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {torch_info}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows: list[Measurement] = []
-    for size in args.sizes:
-        for m in args.models:
-            if "jax" in args.frameworks:
-                rows.append(bench_jax(m, size, args.batch, steps=args.steps, warmup=args.warmup,
-                                      dtype=args.dtype))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-            if run_torch:
-                rows.append(bench_torch(m, size, args.batch, steps=args.steps, warmup=args.warmup,
-                                        dtype=args.dtype, device=args.device, layout=args.torch_layout))
-                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    runs = [(size, m, fw) for size in args.sizes for m in args.models
+            for fw in ("jax", "torch") if fw in args.frameworks and (fw == "jax" or run_torch)]
+    for size, m, fw in runs:
+        if not args.in_process and len(runs) > 1:
+            rows.append(_measure_in_child(argv, m, size, fw))
+        elif fw == "jax":
+            rows.append(bench_jax(m, size, args.batch, steps=args.steps, warmup=args.warmup,
+                                  dtype=args.dtype))
+        else:
+            rows.append(bench_torch(m, size, args.batch, steps=args.steps, warmup=args.warmup,
+                                    dtype=args.dtype, device=args.device, layout=args.torch_layout))
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     probes = {}
     if args.conv_probe:
         for size in args.sizes:

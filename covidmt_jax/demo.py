@@ -165,6 +165,9 @@ def run(args) -> Path:
 
 
 def main(argv=None) -> None:
+    if argv is None:  # a command line (not an in-process call): tune glibc malloc for XLA:CPU
+        from covidmt_jax.cpu_malloc import reexec_for_cpu
+        reexec_for_cpu(sys.argv[1:], module="covidmt_jax.demo")
     import argparse
     p = argparse.ArgumentParser(prog="python -m covidmt_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="output folder (re-use it to resume)")

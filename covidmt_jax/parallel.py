@@ -2,7 +2,8 @@
 
 - ``maybe_initialize_distributed()`` calls ``jax.distributed.initialize()`` when the process
   is one of several (SLURM with more than one task, a multi-worker Cloud TPU VM, or an
-  explicit coordinator address); on one host it does nothing.
+  explicit ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``); on one
+  host it does nothing.
 - ``make_mesh(model_axis=1)``: a ``Mesh`` over all devices with axes ``("data", "model")``.
 - Batches are sharded over ``"data"``; parameters and optimiser state are replicated, or,
   with ``model_axis > 1``, sharded along their largest dimension divisible by it
@@ -41,7 +42,12 @@ def maybe_initialize_distributed() -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize()  # auto-detects SLURM, Cloud TPU and the coordinator env vars
+    # SLURM and Cloud TPU are auto-detected; elsewhere JAX_COORDINATOR_ADDRESS (host:port of
+    # process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID name the processes.
+    kwargs = {k: int(os.environ[env]) for k, env in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                      ("process_id", "JAX_PROCESS_ID"))
+              if os.environ.get(env)}
+    jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

@@ -386,6 +386,9 @@ def quiet_libraries() -> None:
 
 
 def main(argv=None) -> None:
+    if argv is None:  # a command line (not an in-process call): tune glibc malloc for XLA:CPU
+        from covidmt_jax.cpu_malloc import reexec_for_cpu
+        reexec_for_cpu(sys.argv[1:], module="covidmt_jax.train")
     from absl import app, flags
     from ml_collections import config_flags
 

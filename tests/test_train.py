@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from covidmt_jax import config_lib
+from covidmt_jax.cpu_malloc import MALLOC_ENV
 from covidmt_jax.config_lib import ConfigError, dataset_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-       "MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "8000000000"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **MALLOC_ENV}
 
 
 def tiny_config(*, model="covidmt", n_tasks=6, size=32, steps=4, n=24, backbone="resnet18"):
