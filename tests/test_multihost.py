@@ -1,0 +1,186 @@
+"""Multi-process (multi-host) training on one machine: 2 JAX processes x 2 CPU devices each,
+joined through ``jax.distributed`` (coordinator on localhost, gloo collectives), as on a
+2-host cluster.
+
+1. A train step on a global batch assembled from each process's rows
+   (``parallel.global_batch`` -> ``make_array_from_process_local_data``) equals the same
+   step in ONE process over 4 devices: loss, gradient norm, every parameter and BatchNorm
+   statistic; the eval all-gathers (``allgather_rows`` with unequal row counts,
+   ``allgather_ragged``, ``local_rows``) return every process's rows in process order.
+2. ``covidmt_jax.train.train`` runs end to end in the 2 processes on one workdir: the
+   processes agree on every logged loss, one summary/export is written, checkpoints resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from covidmt_jax.cpu_malloc import MALLOC_ENV
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+BASE_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **MALLOC_ENV}
+for _k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+           "TPU_WORKER_HOSTNAMES", "COVIDMT_MULTIHOST"):
+    BASE_ENV.pop(_k, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(script: Path, n_proc: int, devices_per_proc: int, args: list[str],
+                   timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` as ``n_proc`` JAX processes (1 = a plain single process)."""
+    env = {**BASE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_proc}"}
+    if n_proc > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(n_proc))
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, text=True,
+                              env={**env, **({"JAX_PROCESS_ID": str(i)} if n_proc > 1 else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(n_proc)]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, jax, ml_collections
+    from flax import nnx
+    from covidmt_jax import models, parallel
+    from covidmt_jax.tasks import build_tasks, paper_tasks
+    from covidmt_jax.train import build_optimizer, make_train_step
+
+    multi = parallel.maybe_initialize_distributed()
+    pid, n_proc = jax.process_index(), jax.process_count()
+    assert jax.device_count() == 4 and n_proc == (2 if multi else 1), (jax.devices(), n_proc)
+    specs = paper_tasks(6)
+    tasks = build_tasks(specs)
+    rng = np.random.RandomState(0)
+    B, S = 8, 32
+    batch = {"image": rng.randn(B, S, S, 1).astype(np.float32),
+             "labels": rng.randint(0, 2, (B, 5)).astype(np.float32),
+             "label_weight": (rng.rand(B, 5) > 0.3).astype(np.float32),
+             "boxes": np.tile(np.array([[[4, 4, 20, 24]]], np.float32), (B, 1, 1)),
+             "box_valid": (rng.rand(B, 1) > 0.5).astype(np.float32),
+             "box_weight": (rng.rand(B) > 0.5).astype(np.float32)}
+    per = B // n_proc
+    local = {k: v[pid * per:(pid + 1) * per] for k, v in batch.items()}  # this host's rows
+    model = models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
+                          fpn_channels=8, rngs=0)
+    for t in tasks:
+        t.prepare(model, (S, S))
+    cfg = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 1.0, "b1": 0.9, "b2": 0.999,
+          "eps": 1e-8, "milestones": (), "decay": 0.1, "grad_clip": 0.0, "weight_decay": 0.0,
+          "momentum": 0.0}})
+    tx, _ = build_optimizer(cfg, 10)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    model.train()
+    gd, state = nnx.split((model, opt))
+    mesh = parallel.make_mesh(1)
+    ssh, bsh = parallel.state_shardings(state, mesh), parallel.data_sharding(mesh)
+    state = jax.device_put(state, ssh)
+    gb = parallel.global_batch(local, bsh)
+    assert gb["image"].shape[0] == B and len(gb["image"].sharding.device_set) == 4
+    step = jax.jit(make_train_step(gd, tasks), in_shardings=(ssh, bsh), donate_argnums=0)
+    state, metrics = step(state, gb)
+    params = nnx.state(nnx.merge(gd, state)[0], nnx.Any(nnx.Param, nnx.BatchStat))
+    flat = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+
+    # the eval collectives: unequal row counts, ragged per-image arrays, global -> local rows
+    rows = parallel.allgather_rows(np.full((pid + 1, 2), pid, np.int32))
+    ragged = parallel.allgather_ragged([np.full((k + pid, 4), 10 * pid + k, np.float32)
+                                        for k in range(2)])
+    mine = parallel.local_rows(gb["image"])
+    np.testing.assert_array_equal(mine, local["image"])
+    if pid == 0:
+        np.savez(sys.argv[1], **flat)
+        print("RESULT " + json.dumps({
+            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+            "rows": rows.tolist(), "ragged": [a.tolist() for a in ragged]}))
+""")
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    (one,) = _run_processes(script, 1, 4, [str(tmp_path / "one.npz")])
+    two = _run_processes(script, 2, 2, [str(tmp_path / "two.npz")])
+    for p in two:
+        assert p.returncode == 0, p.stderr[-3000:]
+    r1, r2 = _result(one), _result(two[0])
+    assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+    assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    p1, p2 = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert sorted(p1.files) == sorted(p2.files) and len(p1.files) > 50
+    # SGD with lr 1: the parameter change is the gradient, so every gradient and every
+    # (globally averaged) BatchNorm statistic is compared here
+    worst = max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1.files)
+    assert worst < 1e-4
+    # process 0's rows, then process 1's; padding for the collective removed
+    assert r2["rows"] == [[0, 0], [1, 1], [1, 1]]
+    assert [len(a) for a in r2["ragged"]] == [0, 1, 1, 2]
+    assert r2["ragged"][3] == [[11.0] * 4] * 2
+    assert r1["rows"] == [[0, 0]]
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.INFO)
+    sys.path.insert(0, {tests!r})
+    import jax
+    from test_train import tiny_config
+    from covidmt_jax.train import train
+    c = tiny_config(steps=int(sys.argv[2]), n=16)
+    c.checkpoint.every_steps = 2
+    summary = train(c, sys.argv[1])
+    print("RESULT " + json.dumps({{"process": jax.process_index(), "count": jax.process_count(),
+                                  "steps": summary["steps"],
+                                  "final_eval": summary["final_eval"]}}, default=float))
+""")
+
+
+def test_trainer_runs_and_resumes_in_two_processes(tmp_path):
+    script = tmp_path / "train2.py"
+    script.write_text(TRAIN_SCRIPT.format(tests=str(TESTS)))
+    workdir = tmp_path / "run"
+    first = _run_processes(script, 2, 2, [str(workdir), "4"])
+    res = [_result(p) for p in first]
+    assert [r["process"] for r in res] == [0, 1] and all(r["count"] == 2 for r in res)
+    assert all(r["steps"] == 4 for r in res)
+    # evaluation gathers every process's shard: both processes report the same metrics
+    assert res[0]["final_eval"] == res[1]["final_eval"] and "covid/roc_auc" in res[0]["final_eval"]
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]  # process 0 writes
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
+    assert (workdir / "export" / "final" / "params.safetensors").is_file()
+    # a second launch with more steps resumes from the shared checkpoint (not from step 0)
+    second = _run_processes(script, 2, 2, [str(workdir), "6"])
+    assert all(_result(p)["steps"] == 6 for p in second)
+    assert "resumed from" in second[0].stderr
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
