@@ -300,3 +300,30 @@ def test_every_training_config_validates_and_binds_its_sources(config_file):
     for split in ("train", "val"):
         for ds, entry in c.data[split].items():
             inspect.signature(SOURCES[entry.source]).bind(**entry.kwargs.to_dict())
+
+
+# ----------------------------------------------------------------------------- box task learns
+
+def test_box_task_fits_a_small_set(tmp_path):
+    """The whole box path through the real trainer — anchors, matching, encoded targets, the
+    eq. 5 box loss, decoding, NMS and the RSNA challenge mAP — can fit 8 phantoms (2 with 4
+    boxes of 7-10 x 11-15 px, 6 without, where any box scores 0): measured mAP 0.125 after 60
+    steps, 1.0 after 100. A sign error or an anchor/decoder mismatch anywhere on that path
+    keeps it near 0."""
+    from covidmt_jax.train import train
+    size, steps = 64, 100
+    c = tiny_config(size=size, steps=steps)
+    c.tasks = ("box",)
+    src = dataset_entry("synthetic_rsna", n=8, split="train", size=size, seed=0)
+    c.data.train, c.data.val = {"rsna": src}, {"rsna": src}
+    c.model.kwargs = {"backbone": "resnet18", "transition_channels": (32,), "fpn_channels": 32,
+                      "anchor_sizes": (8.0, 16.0, 32.0)}  # sized for 64-px inputs
+    c.data.augment = {"translate": 0.0, "rotate_deg": 0.0, "zoom": 0.0, "hflip": False,
+                      "intensity_shift": 0.0, "min_box_area": 0.2}
+    c.data.per_task_batch = 8
+    c.steps_per_epoch, c.epochs = steps, 1
+    c.checkpoint.every_steps = 1000
+    c.log_every_steps = 50
+    c.eval.best_metric = "box/map"
+    summary = train(c, tmp_path)
+    assert summary["final_eval"]["box/map"] >= 0.5, summary["final_eval"]
