@@ -211,8 +211,8 @@ def test_orbax_round_trip_of_model_state(tmp_path):
     ((2, 11, 12, 12), 3, 1, 2, 0, 1),  # grouped 1x1 strided
     ((2, 9, 10, 32), 2, 3, 1, 1, 1),   # 16 channels per group: XLA's grouped kernel
     ((2, 9, 10, 8), 1, 3, 1, 1, 1),    # dense 3x3, small output: XLA's weight gradient
-    ((1, 100, 98, 3), 1, 3, 1, 1, 2),  # dense 3x3, >= TAP_DW_MIN_PIXELS: per-tap matmul dW
-    ((1, 193, 195, 2), 1, 3, 2, 1, 2), # dense strided 3x3, odd sizes, 97x98 out: tap dW
+    ((1, 100, 98, 3), 1, 3, 1, 1, 2),  # dense 3x3, >= TAP_DW_MIN_PIXELS, narrow: im2col dW
+    ((1, 193, 195, 2), 1, 3, 2, 1, 2), # dense strided 3x3, odd sizes, 97x98 out: im2col dW
     ((2, 11, 12, 8), 1, 1, 1, 0, 2),   # dense 1x1: one matmul
     ((2, 11, 12, 8), 1, 1, 2, 0, 2),   # dense 1x1 strided (odd sizes)
     ((2, 13, 12, 3), 1, 7, 2, 3, 4),   # 7x7 stem
@@ -246,7 +246,8 @@ def test_cpu_conv_paths_equal_xla(shape, groups, kernel, stride, pad, mult):
 
 def test_cpu_conv_paths_are_taken():
     """The fast paths are really used on CPU: a 1x1 conv is a matmul, and a large dense 3x3
-    conv's weight gradient is 9 matmuls (its input is not differentiated here)."""
+    conv with a narrow input gets its weight gradient from one im2col matmul (the input is
+    not differentiated here), while a wide one keeps XLA's kernel."""
     from covidmt_jax.models import layers
     x = jnp.ones((1, 100, 100, 4), jnp.float32)
     w1 = jnp.ones((1, 1, 4, 8), jnp.float32)
@@ -255,4 +256,9 @@ def test_cpu_conv_paths_are_taken():
     w3 = jnp.ones((3, 3, 4, 8), jnp.float32)
     dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))))
                  ).lower(w3).as_text()
-    assert "convolution" not in dw and dw.count("dot_general") == 9
+    assert "convolution" not in dw and dw.count("dot_general") == 1  # narrow input: im2col
+    xw = jnp.ones((1, 100, 100, layers.TAP_DW_MIN_CHANNELS), jnp.float32)
+    ww = jnp.ones((3, 3, layers.TAP_DW_MIN_CHANNELS, 8), jnp.float32)
+    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(xw, w, (1, 1), ((1, 1), (1, 1)))))
+                 ).lower(ww).as_text()
+    assert "convolution" in dw and "dot_general" not in dw  # wide input: XLA's kernel

@@ -33,11 +33,16 @@ def torch_padding(kernel_size: int, padding: int | None = None, dilation: int = 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-# Weight gradients of dense kxk convs switch from XLA's kernel to per-tap matmuls once the
-# output has at least this many pixels: XLA:CPU's dW slows super-linearly with the spatial
-# size (ResNet-50 at 512 px, 3x3 64->64 conv on [12, 128, 128]: 352 ms, as matmuls 225 ms;
-# at [12, 56, 56] XLA's 21 ms beats the matmuls' 40 ms; benchmarks/README.md).
+# Weight gradient of a dense kxk conv on CPU (measured on 2 Zen 5 cores, batch 12, 3x3, same
+# in and out channels; ms for XLA's kernel / one im2col matmul / one matmul per tap):
+#   [128,128]x64: 221 / 115 / 156   [64,64]x64: 23 / 28 / 33   [56,56]x64: 20 / 22 / 29
+#   [64,64]x128: 113 / 79 / 65      [64,64]x256: 288 / 223 / 204   [16,16]x512: 50 / 43 / 42
+# Narrow inputs (< TAP_DW_MIN_CHANNELS) with at least TAP_DW_MIN_PIXELS output pixels use
+# im2col. Wider inputs keep XLA's kernel: the per-tap matmuls were faster alone, but XLA kept
+# all nine tap slices of every conv alive at once (COVIDMT-ResNeXt-50 at 512 px, batch 12:
+# 22.8 GB of temporaries instead of 17.7, more than a 24 GB machine holds).
 TAP_DW_MIN_PIXELS = 96 * 96
+TAP_DW_MIN_CHANNELS = 128
 
 
 def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: int):
@@ -86,7 +91,7 @@ def _cpu_conv_fwd(x, w, strides, padding, groups):
 
 
 def _cpu_conv_bwd(strides, padding, groups, res, dy):
-    """Input gradient from XLA; weight gradient as ``kh * kw`` (batched) matmuls where faster.
+    """Input gradient from XLA; weight gradient as matmuls where that is faster.
 
     XLA:CPU lowers the weight gradient of a grouped conv to an lhs-dilated 3-D convolution
     with no fast kernel (measured ~100x slower than the dense case), and its dense dW slows
@@ -96,16 +101,24 @@ def _cpu_conv_bwd(strides, padding, groups, res, dy):
     x, w = res
     kh, kw, cin, cout_all = w.shape
     b, ho, wo, _ = dy.shape
-    if groups == 1 and ho * wo < TAP_DW_MIN_PIXELS:
+    if groups == 1 and (cin >= TAP_DW_MIN_CHANNELS or ho * wo < TAP_DW_MIN_PIXELS):
         _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, strides, padding, groups), x, w)
         return vjp(dy)
     _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups), x)
     (dx,) = vjp_x(dy)
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    dyg = dy.reshape(b * ho * wo, groups, cout_all // groups)
+    rows = b * ho * wo
+    contract_rows = (((0,), (0,)), ((), ()))  # A^T B over the pixel axis
+    if groups == 1:  # im2col: one [rows, kh*kw*cin]^T @ [rows, cout] matmul
+        cols = jnp.concatenate([x_ij.reshape(rows, cin) for _, _, x_ij in _tap_slices(xp, kh, kw, strides, ho, wo)],
+                               axis=1)
+        dw = jax.lax.dot_general(cols, dy.reshape(rows, cout_all), contract_rows,
+                                 preferred_element_type=jnp.float32)
+        return dx, dw.reshape(kh, kw, cin, cout_all).astype(w.dtype)
+    dyg = dy.reshape(rows, groups, cout_all // groups)
     taps = {}
     for i, j, x_ij in _tap_slices(xp, kh, kw, strides, ho, wo):
-        g_io = jnp.einsum("ngi,ngo->gio", x_ij.reshape(b * ho * wo, groups, cin), dyg,
+        g_io = jnp.einsum("ngi,ngo->gio", x_ij.reshape(rows, groups, cin), dyg,
                           preferred_element_type=jnp.float32)
         taps[i, j] = g_io.transpose(1, 0, 2).reshape(cin, cout_all)
     dw = jnp.stack([jnp.stack([taps[i, j] for j in range(kw)]) for i in range(kh)])
