@@ -9,10 +9,14 @@ main heap (``MALLOC_ARENA_MAX=1``: XLA's worker threads would otherwise get aren
 ``mmap`` large blocks), serve even multi-GB blocks from that heap (mmap threshold 1 TB) and
 never give freed memory back (trim threshold 2 TB), so from the second step on a step
 touches no new page: ResNet-50 at 512 px 12.4 s -> 7.5 s per step, 0 faults
-(benchmarks/README.md). The price: a process keeps its peak memory until it exits.
+(benchmarks/README.md). The price: a process keeps its peak memory until it exits, and
+one that runs several different programs holds more (the demo, two trainings and a scoring
+run in one process at 128 px, peaked at 8.3 GB instead of 3.5 and took about as long, so it
+does not re-execute).
 
-glibc reads these variables only at process start, so :func:`reexec_for_cpu` re-runs the
-interpreter with them set (once: it marks the environment). It does nothing when the
+The train and score CLIs and the benchmarks call it. glibc reads these variables only at
+process start, so :func:`reexec_for_cpu` re-runs the interpreter with them set (once: it
+marks the environment). It does nothing when the
 variables are already set, when ``COVIDMT_NO_MALLOC_TUNING=1``, or when JAX will not run
 on the CPU (an accelerator plugin is installed and ``JAX_PLATFORMS`` does not say cpu).
 """
