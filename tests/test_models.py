@@ -251,14 +251,18 @@ def test_cpu_conv_paths_are_taken():
     from covidmt_jax.models import layers
     x = jnp.ones((1, 100, 100, 4), jnp.float32)
     w1 = jnp.ones((1, 1, 4, 8), jnp.float32)
-    hlo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)))).lower(x, w1).as_text()
+    nhwc = ("NHWC", "HWIO", "NHWC")
+    hlo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=nhwc)
+                  ).lower(x, w1).as_text()
     assert "convolution" not in hlo and "dot_general" in hlo
     w3 = jnp.ones((3, 3, 4, 8), jnp.float32)
-    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)))))
+    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                         dimension_numbers=nhwc)))
                  ).lower(w3).as_text()
     assert "convolution" not in dw and dw.count("dot_general") == 1  # narrow input: im2col
     xw = jnp.ones((1, 100, 100, layers.TAP_DW_MIN_CHANNELS), jnp.float32)
     ww = jnp.ones((3, 3, layers.TAP_DW_MIN_CHANNELS, 8), jnp.float32)
-    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(xw, w, (1, 1), ((1, 1), (1, 1)))))
+    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(xw, w, (1, 1), ((1, 1), (1, 1)),
+                                                                         dimension_numbers=nhwc)))
                  ).lower(ww).as_text()
     assert "convolution" in dw and "dot_general" not in dw  # wide input: XLA's kernel

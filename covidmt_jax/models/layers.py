@@ -146,16 +146,18 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` with CPU-fast paths; every conv of the zoo goes through it.
 
-    On the CPU backend, for NHWC/HWIO convs without dilation: unpadded 1x1 convs run as one
-    matmul (:func:`_pointwise_conv`); other convs keep XLA's forward and input gradient but
-    take the weight gradient from per-tap matmuls when grouped or large (:func:`_cpu_conv_bwd`).
-    Both are tested equal to XLA's sums (tests/test_models.py). Other backends (GPU/TPU
-    have fast conv kernels), other layouts and dilated convs go straight to lax.
+    On the CPU backend, for convs with explicit NHWC/HWIO/NHWC dimension numbers and no
+    dilation: unpadded 1x1 convs run as one matmul (:func:`_pointwise_conv`); grouped convs
+    with narrow groups run as block-diagonal dense convs (:func:`_xla_conv`); grouped convs and
+    large narrow dense convs take their weight gradients from matmuls (:func:`_cpu_conv_bwd`).
+    All are tested equal to lax's outputs and gradients (tests/test_models.py). Other backends
+    (GPU/TPU have fast conv kernels), other layouts (``dimension_numbers=None`` means lax's
+    NCHW) and dilated convs go straight to lax.
     """
-    nhwc = dimension_numbers is None or (
-        tuple(getattr(dimension_numbers, "lhs_spec", ())) == (0, 3, 1, 2)
-        and tuple(getattr(dimension_numbers, "rhs_spec", ())) == (3, 2, 0, 1)
-        and tuple(getattr(dimension_numbers, "out_spec", ())) == (0, 3, 1, 2))
+    nhwc = False
+    if dimension_numbers is not None and lhs.ndim == 4:
+        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        nhwc = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
     simple = (jax.default_backend() == "cpu" and nhwc and lhs.ndim == 4 and not isinstance(padding, str)
               and all(d in (None, 1) for d in (lhs_dilation or (1,)))
               and all(d in (None, 1) for d in (rhs_dilation or (1,)))
