@@ -63,38 +63,21 @@ def _run_processes(script: Path, n_proc: int, devices_per_proc: int, args: list[
 
 STEP_SCRIPT = textwrap.dedent("""
     import json, sys
-    import numpy as np, jax, ml_collections
+    import numpy as np, jax
     from flax import nnx
-    from covidmt_jax import models, parallel
-    from covidmt_jax.tasks import build_tasks, paper_tasks
-    from covidmt_jax.train import build_optimizer, make_train_step
+    sys.path.insert(0, TESTS_DIR)
+    from test_train import equivalence_setup
+    from covidmt_jax import parallel
+    from covidmt_jax.train import make_train_step
 
     multi = parallel.maybe_initialize_distributed()
     pid, n_proc = jax.process_index(), jax.process_count()
     assert jax.device_count() == 4 and n_proc == (2 if multi else 1), (jax.devices(), n_proc)
-    specs = paper_tasks(6)
-    tasks = build_tasks(specs)
-    rng = np.random.RandomState(0)
-    B, S = 8, 32
-    batch = {"image": rng.randn(B, S, S, 1).astype(np.float32),
-             "labels": rng.randint(0, 2, (B, 5)).astype(np.float32),
-             "label_weight": (rng.rand(B, 5) > 0.3).astype(np.float32),
-             "boxes": np.tile(np.array([[[4, 4, 20, 24]]], np.float32), (B, 1, 1)),
-             "box_valid": (rng.rand(B, 1) > 0.5).astype(np.float32),
-             "box_weight": (rng.rand(B) > 0.5).astype(np.float32)}
+    batch, tasks, new_state = equivalence_setup()
+    B = batch["image"].shape[0]
     per = B // n_proc
     local = {k: v[pid * per:(pid + 1) * per] for k, v in batch.items()}  # this host's rows
-    model = models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
-                          fpn_channels=8, rngs=0)
-    for t in tasks:
-        t.prepare(model, (S, S))
-    cfg = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 1.0, "b1": 0.9, "b2": 0.999,
-          "eps": 1e-8, "milestones": (), "decay": 0.1, "grad_clip": 0.0, "weight_decay": 0.0,
-          "momentum": 0.0}})
-    tx, _ = build_optimizer(cfg, 10)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    model.train()
-    gd, state = nnx.split((model, opt))
+    gd, state = new_state()
     mesh = parallel.make_mesh(1)
     ssh, bsh = parallel.state_shardings(state, mesh), parallel.data_sharding(mesh)
     state = jax.device_put(state, ssh)
@@ -127,7 +110,7 @@ def _result(proc: subprocess.CompletedProcess) -> dict:
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     script = tmp_path / "step.py"
-    script.write_text(STEP_SCRIPT)
+    script.write_text(STEP_SCRIPT.replace("TESTS_DIR", repr(str(TESTS))))
     (one,) = _run_processes(script, 1, 4, [str(tmp_path / "one.npz")])
     two = _run_processes(script, 2, 2, [str(tmp_path / "two.npz")])
     for p in two:

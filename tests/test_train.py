@@ -146,26 +146,26 @@ def test_unet_segmentation_run(tmp_path):
 
 # ----------------------------------------------------------------------------- data parallel
 
-DP_SCRIPT = textwrap.dedent("""
-    import os, json, numpy as np, jax, jax.numpy as jnp
-    from flax import nnx
-    assert jax.device_count() == 4, jax.devices()
-    from covidmt_jax import models, parallel
-    from covidmt_jax.tasks import build_tasks, paper_tasks
-    from covidmt_jax.train import make_train_step, build_optimizer
+def equivalence_setup(B: int = 8, S: int = 32):
+    """Shared by the data-parallel and multi-process equivalence tests: a fixed global batch
+    for the six paper tasks and a factory of a tiny COVIDMT's (graphdef, state) with plain SGD,
+    lr 1 (so one step's parameter change IS the gradient). Returns ``(batch, tasks, new_state)``."""
     import ml_collections
+    from flax import nnx
+    from covidmt_jax import models
+    from covidmt_jax.tasks import build_tasks, paper_tasks
+    from covidmt_jax.train import build_optimizer
     specs = paper_tasks(6)
     tasks = build_tasks(specs)
     rng = np.random.RandomState(0)
-    B, S = 8, 32
     batch = {"image": rng.randn(B, S, S, 1).astype(np.float32),
              "labels": rng.randint(0, 2, (B, 5)).astype(np.float32),
              "label_weight": (rng.rand(B, 5) > 0.3).astype(np.float32),
              "boxes": np.tile(np.array([[[4, 4, 20, 24]]], np.float32), (B, 1, 1)),
              "box_valid": (rng.rand(B, 1) > 0.5).astype(np.float32),
              "box_weight": (rng.rand(B) > 0.5).astype(np.float32)}
-    results = {}
-    for n_dev in (1, 4):
+
+    def new_state():
         model = models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
                               fpn_channels=8, rngs=0)
         for t in tasks:
@@ -173,9 +173,24 @@ DP_SCRIPT = textwrap.dedent("""
         cfg = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 1.0, "b1": 0.9, "b2": 0.999,
               "eps": 1e-8, "milestones": (), "decay": 0.1, "grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0}})
         tx, _ = build_optimizer(cfg, 10)
-        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         model.train()
-        gd, state = nnx.split((model, opt))
+        return nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+
+    return batch, tasks, new_state
+
+
+DP_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, jax
+    from flax import nnx
+    assert jax.device_count() == 4, jax.devices()
+    sys.path.insert(0, TESTS_DIR)
+    from test_train import equivalence_setup
+    from covidmt_jax import parallel
+    from covidmt_jax.train import make_train_step
+    batch, tasks, new_state = equivalence_setup()
+    results = {}
+    for n_dev in (1, 4):
+        gd, state = new_state()
         mesh = parallel.make_mesh(1, jax.devices()[:n_dev])
         ssh = parallel.state_shardings(state, mesh)
         bsh = parallel.data_sharding(mesh)
@@ -194,7 +209,7 @@ DP_SCRIPT = textwrap.dedent("""
 
 def test_data_parallel_equals_single_device(tmp_path):
     script = tmp_path / "dp.py"
-    script.write_text(DP_SCRIPT)
+    script.write_text(DP_SCRIPT.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
     env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
