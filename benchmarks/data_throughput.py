@@ -17,8 +17,8 @@ as the pipeline's ``SampleFn``), then the paper's augmentation
 Records are read in a random order (as a shuffled grain pipeline does) after one warm-up
 pass. The target of issue 3 is >= 80 images/s per worker from the ArrayRecord build.
 
-Run from the repository root (malloc settings of docs/HELPERS.md are applied by re-running
-the interpreter with them when they are missing)::
+Run from the repository root (the script re-executes itself once with the malloc settings of
+covidmt_jax/cpu_malloc.py when they are missing: decoding is CPU work on any machine)::
 
     python -m benchmarks.data_throughput [--n 64] [--repeats 3] [--size 512]
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from covidmt_jax.cpu_malloc import MALLOC_ENV as _MALLOC  # noqa: E402
+from covidmt_jax.cpu_malloc import MALLOC_ENV, reexec_for_cpu  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -43,14 +43,6 @@ from covidmt_jax.data import augment, images  # noqa: E402
 from covidmt_jax.data.sources import get_source  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("COVIDMT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def _ensure_malloc_env() -> None:
-    """glibc reads MALLOC_* at start-up: re-run the interpreter once with them set."""
-    if all(os.environ.get(k) == v for k, v in _MALLOC.items()) or os.environ.get("_COVIDMT_BENCH_REEXEC"):
-        return
-    env = {**os.environ, **_MALLOC, "_COVIDMT_BENCH_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def write_phantom_files(folder: Path, n: int, size: int, seed: int = 0) -> float:
@@ -107,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--no_real", action="store_true", help="skip ../shared/data/lungs_mc_sz_512")
     p.add_argument("--workdir", help="folder for the files and builds (default: a temporary folder)")
     args = p.parse_args(argv)
-    _ensure_malloc_env()
+    reexec_for_cpu(sys.argv[1:] if argv is None else list(argv), script=__file__, any_backend=True)
 
     from covidmt_jax.data.tfds_builders import build_tfds
 
@@ -149,9 +141,9 @@ def main(argv=None) -> int:
     print(f"# data throughput per worker (1 process, 1 thread), {args.size} px, decode + paper augmentation")
     print(f"# {cpu}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
           f"{args.n} images x {args.repeats} random-order passes")
-    for k in _MALLOC:
-        if os.environ.get(k) != _MALLOC[k]:
-            print(f"# warning: {k} not set as in docs/HELPERS.md")
+    for k in MALLOC_ENV:
+        if os.environ.get(k) != MALLOC_ENV[k]:
+            print(f"# warning: {k}={os.environ.get(k)!r}, not {MALLOC_ENV[k]} as in covidmt_jax/cpu_malloc.py")
     for note in notes:
         print(f"# {note}")
     head = f"{'source':<34} {'images/s/worker':>15} {'ms/image':>9} {'read':>7} {'decode':>7} {'augment':>8}"

@@ -26,7 +26,7 @@ summary, report, gallery) in a fresh subprocess per pair count, at ``--memory-si
 ``--memory-backbone``; peak RSS from ``getrusage(RUSAGE_SELF).ru_maxrss``. Flat memory means
 the two peaks are about equal.
 
-Launch (the script re-executes itself once with docs/HELPERS.md's ``MALLOC_*`` values)::
+Launch (on the CPU the script re-executes itself once with covidmt_jax/cpu_malloc.py's ``MALLOC_*`` values)::
 
     python benchmarks/score_throughput.py --sizes 512 --batch 4 --steps 3 \
         --memory-pairs 100,1000 --memory-size 128
@@ -56,6 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from covidmt_jax.cpu_malloc import reexec_for_cpu  # noqa: E402  (glibc settings; see that module)
+
 
 def _train_bench():
     """benchmarks/train_throughput.py as a module (shared MALLOC values and timing loop)."""
@@ -67,13 +69,7 @@ def _train_bench():
 
 
 _TT = _train_bench()
-MALLOC_ENV = _TT.MALLOC_ENV
 _timed_loop = _TT._timed_loop
-_REEXEC_MARK = "COVIDMT_SCORE_BENCH_REEXECUTED"
-
-
-def _reexec_with_malloc_env(argv: Sequence[str]) -> None:
-    _TT._reexec_with_malloc_env(argv, __file__, _REEXEC_MARK)
 
 
 def _peak_rss_mb() -> float:
@@ -318,9 +314,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _reexec_with_malloc_env(argv)
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    reexec_for_cpu(argv, script=__file__)
     if args._memory_job:
         res = memory_job(args._memory_job, args.memory_size, args.memory_backbone, args.unet_width,
                          args.unet_depth, args.memory_batch, args._workdir)

@@ -66,9 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from covidmt_jax.cpu_malloc import MALLOC_ENV  # noqa: E402  (glibc settings; see that module)
-
-_REEXEC_MARK = "COVIDMT_BENCH_REEXECUTED"
+from covidmt_jax.cpu_malloc import reexec_for_cpu  # noqa: E402  (glibc settings; see that module)
 
 # short names -> zoo / torchvision names
 BACKBONES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
@@ -563,24 +561,14 @@ def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framewo
     return Measurement(**{k: v for k, v in row.items() if k in fields})
 
 
-def _reexec_with_malloc_env(argv: Sequence[str], script: str | Path = __file__,
-                            mark: str = _REEXEC_MARK) -> None:
-    """Re-execute ``script`` once with the ``MALLOC_*`` tunables (read at process start)."""
-    if os.environ.get(mark) or all(k in os.environ for k in MALLOC_ENV):
-        return
-    env = {**MALLOC_ENV, **os.environ, mark: "1"}
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, str(Path(script).resolve()), *argv], env)
-
-
 def main(argv: Sequence[str] | None = None) -> list[Measurement]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _reexec_with_malloc_env(argv)
-    if args.xla_flags:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     if args.device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    reexec_for_cpu(argv, script=__file__)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     import jax
     if args.device == "gpu" and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu: JAX's default backend is {jax.default_backend()!r}, "

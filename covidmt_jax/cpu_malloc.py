@@ -16,9 +16,10 @@ does not re-execute).
 
 The train and score CLIs and the benchmarks call it. glibc reads these variables only at
 process start, so :func:`reexec_for_cpu` re-runs the interpreter with them set (once: it
-marks the environment). It does nothing when the
+marks the environment with :data:`REEXECUTED_MARK`). It does nothing when the
 variables are already set, when ``COVIDMT_NO_MALLOC_TUNING=1``, or when JAX will not run
-on the CPU (an accelerator plugin is installed and ``JAX_PLATFORMS`` does not say cpu).
+on the CPU (an accelerator plugin is installed and ``JAX_PLATFORMS`` does not say cpu) unless
+the caller's work runs on the CPU anyway (``any_backend=True``: image decoding).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ MALLOC_ENV: Mapping[str, str] = {
     "MALLOC_TRIM_THRESHOLD_": "2000000000000",
     "MALLOC_TOP_PAD_": "1000000000",
 }
-_MARK = "COVIDMT_MALLOC_REEXECUTED"
+REEXECUTED_MARK = "COVIDMT_MALLOC_REEXECUTED"
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin", "libtpu", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
@@ -57,24 +58,27 @@ def runs_on_cpu(environ: Mapping[str, str] | None = None) -> bool:
     return not _has_accelerator_plugin()
 
 
-def needs_reexec(environ: Mapping[str, str] | None = None) -> bool:
+def needs_reexec(environ: Mapping[str, str] | None = None, *, any_backend: bool = False) -> bool:
+    """Whether :func:`reexec_for_cpu` would re-execute (``any_backend``: even when JAX will use
+    an accelerator)."""
     env = os.environ if environ is None else environ
-    if env.get(_MARK) or env.get("COVIDMT_NO_MALLOC_TUNING") == "1":
+    if env.get(REEXECUTED_MARK) or env.get("COVIDMT_NO_MALLOC_TUNING") == "1":
         return False
     if all(k in env for k in MALLOC_ENV):
         return False
-    return runs_on_cpu(env)
+    return any_backend or runs_on_cpu(env)
 
 
-def reexec_for_cpu(argv: Sequence[str], *, module: str | None = None, script: str | None = None) -> None:
+def reexec_for_cpu(argv: Sequence[str], *, module: str | None = None, script: str | None = None,
+                   any_backend: bool = False) -> None:
     """Re-execute ``python -m module argv`` (or ``python script argv``) with :data:`MALLOC_ENV`
     when :func:`needs_reexec`; values already in the environment win. Returns only when
     nothing is re-executed."""
-    if not needs_reexec():
+    if not needs_reexec(any_backend=any_backend):
         return
     if (module is None) == (script is None):
         raise ValueError("give exactly one of module= or script=")
-    env = {**MALLOC_ENV, **os.environ, _MARK: "1"}
+    env = {**MALLOC_ENV, **os.environ, REEXECUTED_MARK: "1"}
     head = ["-m", module] if module else [os.path.abspath(script)]
     sys.stdout.flush()
     sys.stderr.flush()

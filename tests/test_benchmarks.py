@@ -93,3 +93,16 @@ def test_conv_probe(bench):
     assert rows[0]["dilated_convs_in_dw"] >= 1 and rows[1]["dilated_convs_in_dw"] == 0
     text = bench.format_probe(rows)
     assert text.count("\n") == 3 and "groups=4" in text
+
+
+def test_data_throughput_runs_tiny(tmp_path, monkeypatch, capsys):
+    """benchmarks/data_throughput.py end to end on 3 phantoms (files and a tfds build)."""
+    monkeypatch.setenv("COVIDMT_NO_MALLOC_TUNING", "1")  # never re-exec the test process
+    spec = importlib.util.spec_from_file_location("data_throughput", SCRIPT.parent / "data_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--n", "3", "--repeats", "1", "--size", "64", "--source_size", "96", "--no_real",
+                     "--workdir", str(tmp_path)]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("files ", "tfds "))]
+    assert [r.split()[0] for r in rows] == ["files", "tfds"]
+    assert all(float(r.split()[-5]) > 0 for r in rows)  # images/s/worker

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_needs_reexec_decisions():
     assert cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cpu"})
     assert not cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cuda"})
+    assert cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cuda"}, any_backend=True)  # CPU-only work
+    assert not cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cuda", cpu_malloc.REEXECUTED_MARK: "1"}, any_backend=True)
     assert not cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cpu", "COVIDMT_NO_MALLOC_TUNING": "1"})
     assert not cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cpu", "COVIDMT_MALLOC_REEXECUTED": "1"})
     assert not cpu_malloc.needs_reexec({"JAX_PLATFORMS": "cpu", **cpu_malloc.MALLOC_ENV})

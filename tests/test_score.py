@@ -288,7 +288,7 @@ def test_throughput_benchmark_runs_tiny(monkeypatch):
     spec = importlib.util.spec_from_file_location("score_throughput", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setenv(bench._REEXEC_MARK, "1")  # never re-exec the test process
+    monkeypatch.setenv("COVIDMT_NO_MALLOC_TUNING", "1")  # never re-exec the test process
     out = bench.main(["--sizes", "32", "--batch", "2", "--steps", "1", "--warmup", "0",
                       "--backbone", "resnet18", "--unet-width", "2", "--unet-depth", "2",
                       "--frameworks", "jax,torch"])
