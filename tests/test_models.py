@@ -205,21 +205,25 @@ def test_orbax_round_trip_of_model_state(tmp_path):
 
 
 @pytest.mark.parametrize("shape,groups,kernel,stride,pad,mult", [
-    ((2, 9, 10, 8), 4, 3, 1, 1, 1),    # ResNeXt-style grouped 3x3
-    ((2, 10, 11, 8), 4, 3, 2, 1, 1),   # strided
-    ((2, 8, 9, 6), 6, 3, 1, 1, 2),     # depthwise with channel multiplier
+    ((2, 9, 10, 8), 4, 3, 1, 1, 1),    # ResNeXt-style grouped 3x3: elementwise fusion
+    ((2, 9, 10, 8), 4, 3, 1, 0, 1),    # the same unpadded (transposed padding of dx differs)
+    ((2, 12, 12, 128), 32, 3, 1, 1, 1),  # 32 groups of 4: dW blocks of 8 groups
+    ((2, 10, 11, 8), 4, 3, 2, 1, 1),   # strided grouped: block-diagonal dense conv
+    ((2, 8, 9, 6), 6, 3, 1, 1, 2),     # depthwise with channel multiplier: elementwise
     ((2, 11, 12, 12), 3, 1, 2, 0, 1),  # grouped 1x1 strided
-    ((2, 9, 10, 32), 2, 3, 1, 1, 1),   # 16 channels per group: XLA's grouped kernel
+    ((4, 16, 16, 64), 2, 3, 1, 1, 1),  # 32 channels per group: XLA's grouped kernel, dW in 2 chunks
     ((2, 9, 10, 8), 1, 3, 1, 1, 1),    # dense 3x3, small output: XLA's weight gradient
-    ((1, 100, 98, 3), 1, 3, 1, 1, 2),  # dense 3x3, >= TAP_DW_MIN_PIXELS, narrow: im2col dW
-    ((1, 193, 195, 2), 1, 3, 2, 1, 2), # dense strided 3x3, odd sizes, 97x98 out: im2col dW
+    ((3, 40, 40, 3), 1, 3, 1, 1, 2),   # dense 3x3, narrow, >= DW_MIN_PIXELS: im2col dW, 3 chunks
+    ((1, 66, 65, 2), 1, 3, 2, 1, 2),   # dense strided 3x3, odd sizes, 33x33 out: im2col dW
+    ((2, 34, 33, 128), 1, 3, 1, 1, 1),  # dense 3x3, wide: one matmul per tap
     ((2, 11, 12, 8), 1, 1, 1, 0, 2),   # dense 1x1: one matmul
     ((2, 11, 12, 8), 1, 1, 2, 0, 2),   # dense 1x1 strided (odd sizes)
     ((2, 13, 12, 3), 1, 7, 2, 3, 4),   # 7x7 stem
 ])
 def test_cpu_conv_paths_equal_xla(shape, groups, kernel, stride, pad, mult):
-    """The CPU fast paths of layers.conv_general_dilated (1x1 as a matmul, per-tap matmul
-    weight gradients) compute XLA's exact outputs and gradients."""
+    """The CPU fast paths of layers.conv_general_dilated (1x1 as a matmul, the elementwise
+    grouped conv, block-diagonal kernels, chunked matmul weight gradients) compute XLA's
+    outputs and gradients."""
     from jax import lax
     from covidmt_jax.models import layers
     rng = np.random.RandomState(0)
@@ -245,24 +249,32 @@ def test_cpu_conv_paths_equal_xla(shape, groups, kernel, stride, pad, mult):
 
 
 def test_cpu_conv_paths_are_taken():
-    """The fast paths are really used on CPU: a 1x1 conv is a matmul, and a large dense 3x3
-    conv with a narrow input gets its weight gradient from one im2col matmul (the input is
-    not differentiated here), while a wide one keeps XLA's kernel."""
+    """The fast paths are really used on CPU (StableHLO of the jitted functions): a 1x1 conv
+    is a matmul; a stride-1 narrow grouped conv has no convolution; the weight gradient of a
+    3x3 conv with a 100x100 output is one im2col matmul (narrow input) or nine tap matmuls
+    (wide input) inside a loop over batch chunks; with a 16x16 output it keeps XLA's kernel."""
     from covidmt_jax.models import layers
-    x = jnp.ones((1, 100, 100, 4), jnp.float32)
-    w1 = jnp.ones((1, 1, 4, 8), jnp.float32)
     nhwc = ("NHWC", "HWIO", "NHWC")
-    hlo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0)), dimension_numbers=nhwc)
-                  ).lower(x, w1).as_text()
+
+    def conv(x, w, groups=1):
+        pad = ((w.shape[0] // 2,) * 2,) * 2
+        return layers.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=nhwc, feature_group_count=groups)
+
+    def dw_hlo(x, w):  # the input is not differentiated
+        return jax.jit(jax.grad(lambda w: jnp.sum(conv(x, w)))).lower(w).as_text()
+
+    x = jnp.ones((2, 100, 100, 4), jnp.float32)
+    hlo = jax.jit(conv).lower(x, jnp.ones((1, 1, 4, 8), jnp.float32)).as_text()
     assert "convolution" not in hlo and "dot_general" in hlo
-    w3 = jnp.ones((3, 3, 4, 8), jnp.float32)
-    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                                         dimension_numbers=nhwc)))
-                 ).lower(w3).as_text()
-    assert "convolution" not in dw and dw.count("dot_general") == 1  # narrow input: im2col
-    xw = jnp.ones((1, 100, 100, layers.TAP_DW_MIN_CHANNELS), jnp.float32)
-    ww = jnp.ones((3, 3, layers.TAP_DW_MIN_CHANNELS, 8), jnp.float32)
-    dw = jax.jit(jax.grad(lambda w: jnp.sum(layers.conv_general_dilated(xw, w, (1, 1), ((1, 1), (1, 1)),
-                                                                         dimension_numbers=nhwc)))
-                 ).lower(ww).as_text()
-    assert "convolution" in dw and "dot_general" not in dw  # wide input: XLA's kernel
+    xg = jnp.ones((2, 20, 20, 32), jnp.float32)
+    hlo = jax.jit(lambda x, w: conv(x, w, 8)).lower(xg, jnp.ones((3, 3, 4, 32), jnp.float32)).as_text()
+    assert "convolution" not in hlo and "dot_general" not in hlo
+    dw = dw_hlo(x, jnp.ones((3, 3, 4, 8), jnp.float32))
+    assert "convolution" not in dw and "while" in dw and dw.count("dot_general") == 1  # narrow: im2col
+    wide = layers.IM2COL_MAX_CHANNELS
+    dw = dw_hlo(jnp.ones((2, 100, 100, wide), jnp.float32), jnp.ones((3, 3, wide, 8), jnp.float32))
+    assert "convolution" not in dw and "while" in dw and dw.count("dot_general") == 9  # wide: per tap
+    dw = dw_hlo(jnp.ones((2, 16, 16, wide), jnp.float32), jnp.ones((3, 3, wide, 8), jnp.float32))
+    assert "convolution" in dw and "dot_general" not in dw  # small output: XLA's kernel
+    assert layers._batch_chunk(12, 100 * 100) == 1 and layers._batch_chunk(12, 16 * 16) == 2
+    assert layers._batch_chunk(7, 10) == 7 and layers._group_block(728, 1) == 28

@@ -33,16 +33,25 @@ def torch_padding(kernel_size: int, padding: int | None = None, dilation: int = 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-# Weight gradient of a dense kxk conv on CPU (measured on 2 Zen 5 cores, batch 12, 3x3, same
-# in and out channels; ms for XLA's kernel / one im2col matmul / one matmul per tap):
-#   [128,128]x64: 221 / 115 / 156   [64,64]x64: 23 / 28 / 33   [56,56]x64: 20 / 22 / 29
-#   [64,64]x128: 113 / 79 / 65      [64,64]x256: 288 / 223 / 204   [16,16]x512: 50 / 43 / 42
-# Narrow inputs (< TAP_DW_MIN_CHANNELS) with at least TAP_DW_MIN_PIXELS output pixels use
-# im2col. Wider inputs keep XLA's kernel: the per-tap matmuls were faster alone, but XLA kept
-# all nine tap slices of every conv alive at once (COVIDMT-ResNeXt-50 at 512 px, batch 12:
-# 22.8 GB of temporaries instead of 17.7, more than a 24 GB machine holds).
-TAP_DW_MIN_PIXELS = 96 * 96
-TAP_DW_MIN_CHANNELS = 128
+# CPU paths of kxk convs (k > 1). XLA:CPU's convolution kernels are fast for dense forward
+# and input-gradient convs, but slow for weight gradients and for grouped convs. Measured on
+# 2 Zen 5 cores, batch 12, at the shapes of a 512-px COVIDMT-ResNeXt-50 step, ms for XLA's
+# kernel (or the path used before) / the path used now / torch 2.14 (oneDNN) where measured:
+#   weight gradients, dense 3x3:  [64,64]x256 (FPN/RetinaNet head)  535 / 210;
+#     [128,128]x64  221 / 116;  [128,128]x128 stride 2  135 / 79;  [14,14]x256  9 / 11 (XLA kept);
+#   weight gradients, grouped 3x3 (32 groups): 4 ch/group [128,128]  671 (one einsum per tap
+#     over the whole batch) / 271;  8 ch/group [64,64]  327 / 137;  32 ch/group [16,16]  89 / 37;
+#   forward / input gradient, stride-1 grouped 3x3 with <= 8 channels per group: 4 ch/group
+#     [128,128]  156 / 144 (a dense conv with a block-diagonal kernel) -> 38 / 37, torch 20 fwd;
+#     8 ch/group [64,64]  133 / 131 -> 25 / 34, torch 12 fwd.
+# Weight gradients are matmuls in a loop over batch chunks (:func:`_weight_grad`): one
+# chunk's tap slices are alive at a time (the same matmuls over the whole batch at once kept
+# all nine [B, H, W, C] slices of every conv alive: +5 GB of temporaries at 512 px).
+DW_MIN_PIXELS = 32 * 32  # dense convs with fewer output pixels per image keep XLA's dW kernel
+DW_CHUNK_MIN_ROWS = 512  # a dW chunk holds the fewest images with at least this many output pixels
+IM2COL_MAX_CHANNELS = 128  # dense dW: one im2col matmul per chunk below this many input channels
+DW_GROUP_BLOCK = 32  # grouped dW: one dense matmul per tap per block of this many channels
+ELEMENTWISE_MAX_GROUP_CHANNELS = 8  # stride-1 grouped convs this narrow (in and out): one fusion
 
 
 def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: int):
@@ -56,10 +65,11 @@ def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: in
 
 
 # Grouped convs with at most this many input channels per group (and at most this many
-# groups) run forward and input gradient as ONE dense conv with a block-diagonal kernel on
-# CPU: G times the FLOPs, yet XLA:CPU's dense kernel is that much faster than its grouped
-# one (ResNeXt-50 layer1, [12, 56, 56, 128], 32 groups of 4: fwd+dx 300 ms grouped, 66 ms
-# dense; with 16 channels per group the grouped kernel wins again).
+# groups) that cannot take the elementwise path (strided ones) run forward and input gradient
+# as ONE dense conv with a block-diagonal kernel on CPU: G times the FLOPs, yet XLA:CPU's dense
+# kernel is that much faster than its grouped one (ResNeXt-50 layer1, [12, 56, 56, 128], 32
+# groups of 4: fwd+dx 300 ms grouped, 66 ms dense; with 16 channels per group the grouped
+# kernel wins again).
 DENSE_GROUPED_MAX_CHANNELS = 8
 DENSE_GROUPED_MAX_GROUPS = 64
 
@@ -81,8 +91,108 @@ def _xla_conv(x, w, strides, padding, groups):
                                         feature_group_count=groups)
 
 
+def _takes_elementwise_path(w_shape: tuple, strides: tuple, groups: int) -> bool:
+    cg, cout = w_shape[2], w_shape[3]
+    return (groups > 1 and tuple(strides) == (1, 1) and cg <= ELEMENTWISE_MAX_GROUP_CHANNELS
+            and cout // groups <= ELEMENTWISE_MAX_GROUP_CHANNELS)
+
+
+def elementwise_grouped_conv(x: jax.Array, w: jax.Array, padding: tuple, groups: int) -> jax.Array:
+    """Stride-1 grouped conv ``[B, H, W, C] * [kh, kw, C/G, Cout] -> [B, H', W', Cout]`` as ONE
+    XLA loop fusion: ``y[..., g, o] = sum_{i, j, k} x_pad[.., h+i, w+j, g, k] * w[i, j, k, g, o]``
+    (``kh * kw * C/G`` multiply-adds per output; float32 accumulation). With a few channels
+    per group this is 4-5x faster on CPU than any convolution kernel XLA has for it."""
+    kh, kw, cg, cout = w.shape
+    co = cout // groups
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    b, hp, wp, _ = xp.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    xg = xp.reshape(b, hp, wp, groups, cg).astype(acc)
+    wg = w.reshape(kh, kw, cg, groups, co).astype(acc)
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            x_ij = xg[:, i:i + ho, j:j + wo]
+            for k in range(cg):
+                term = x_ij[..., k:k + 1] * wg[i, j, k]  # [B, ho, wo, G, 1] * [G, co]
+                y = term if y is None else y + term
+    return y.reshape(b, ho, wo, cout).astype(x.dtype)
+
+
+def _input_grad_elementwise(dy: jax.Array, w: jax.Array, padding: tuple, groups: int) -> jax.Array:
+    """Input gradient of :func:`elementwise_grouped_conv`: the same conv of ``dy`` with the
+    flipped kernel whose in- and out-channels are swapped within each group."""
+    kh, kw, cg, cout = w.shape
+    co = cout // groups
+    wt = w[::-1, ::-1].reshape(kh, kw, cg, groups, co).transpose(0, 1, 4, 3, 2).reshape(kh, kw, co, groups * cg)
+    wt = jax.lax.optimization_barrier(wt)  # fused into the big loop, the transpose doubled its time
+    pad_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
+    return elementwise_grouped_conv(dy, wt, pad_t, groups)
+
+
+def _batch_chunk(batch: int, pixels: int) -> int:
+    """Images per weight-gradient chunk: the fewest (dividing ``batch``) with at least
+    :data:`DW_CHUNK_MIN_ROWS` output pixels."""
+    return next((c for c in range(1, batch + 1) if batch % c == 0 and c * pixels >= DW_CHUNK_MIN_ROWS), batch)
+
+
+def _group_block(cin: int, cg: int) -> int:
+    """Channels per dense block of the grouped dW: the largest multiple of ``cg`` that divides
+    ``cin`` and is at most ``max(cg, DW_GROUP_BLOCK)``."""
+    return max(s for s in range(cg, max(cg, DW_GROUP_BLOCK) + 1, cg) if cin % s == 0)
+
+
+def _weight_grad(x: jax.Array, dy: jax.Array, w_shape: tuple, strides: tuple, padding: tuple,
+                 groups: int) -> jax.Array:
+    """Weight gradient ``[kh, kw, C/G, Cout]`` of a conv of ``x [B, H, W, C]`` with output
+    cotangent ``dy [B, ho, wo, Cout]``, as matmuls in a ``lax.scan`` over batch chunks.
+
+    ``dW[i, j] = sum over pixels of x_ij^T dy`` (``x_ij`` from :func:`_tap_slices`). Per chunk:
+    dense convs with narrow inputs take one im2col matmul ``[rows, kh*kw*C]^T @ [rows, Cout]``,
+    wider ones one matmul per tap; grouped convs one matmul per tap per block of
+    :func:`_group_block` channels, keeping the diagonal group blocks (XLA:CPU lowers a grouped
+    dW to an lhs-dilated convolution ~100x slower than the dense case, and a per-group batched
+    matmul with 4-8 channels runs far below the dense matmul's speed).
+    """
+    kh, kw, cg, cout = w_shape
+    b, ho, wo, _ = dy.shape
+    cin = x.shape[-1]
+    cb = _batch_chunk(b, ho * wo)
+    chunks = (x.reshape(b // cb, cb, *x.shape[1:]), dy.reshape(b // cb, cb * ho * wo, cout))
+    rows_t = (((0,), (0,)), ((), ()))  # A^T B over the pixel axis
+    f32 = jnp.float32
+    block = _group_block(cin, cg) if groups > 1 else cin
+    nblk, gpb, cog = cin // block, block // cg, cout // groups
+
+    def chunk_grad(xc, dc):  # [cb, H, W, C], [rows, Cout] -> [kh*kw, ...]
+        xp = jnp.pad(xc, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+        taps = [t.reshape(-1, cin) for _, _, t in _tap_slices(xp, kh, kw, strides, ho, wo)]
+        if groups == 1 and cin < IM2COL_MAX_CHANNELS:
+            cols = jnp.concatenate(taps, axis=1)
+            return jax.lax.dot_general(cols, dc, rows_t, preferred_element_type=f32).reshape(kh * kw, cin, cout)
+        if groups == 1:
+            return jnp.stack([jax.lax.dot_general(t, dc, rows_t, preferred_element_type=f32) for t in taps])
+        dblk = dc.reshape(-1, nblk, gpb * cog)
+        per_tap = []
+        for t in taps:
+            full = jnp.einsum("nsi,nso->sio", t.reshape(-1, nblk, block), dblk, preferred_element_type=f32)
+            full = full.reshape(nblk, gpb, cg, gpb, cog)
+            per_tap.append(jnp.einsum("sgigo->sgio", full).reshape(groups, cg, cog))  # diagonal blocks
+        return jnp.stack(per_tap)
+
+    out_shape = (kh * kw, cin, cout) if groups == 1 else (kh * kw, groups, cg, cog)
+    dw, _ = jax.lax.scan(lambda acc, xd: (acc + chunk_grad(*xd), None), jnp.zeros(out_shape, f32), chunks)
+    if groups > 1:
+        dw = dw.reshape(kh, kw, groups, cg, cog).transpose(0, 1, 3, 2, 4)
+    return dw.reshape(w_shape)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _cpu_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, groups: int) -> jax.Array:
+    if _takes_elementwise_path(w.shape, strides, groups):
+        return elementwise_grouped_conv(x, w, padding, groups)
     return _xla_conv(x, w, strides, padding, groups)
 
 
@@ -91,38 +201,19 @@ def _cpu_conv_fwd(x, w, strides, padding, groups):
 
 
 def _cpu_conv_bwd(strides, padding, groups, res, dy):
-    """Input gradient from XLA; weight gradient as matmuls where that is faster.
-
-    XLA:CPU lowers the weight gradient of a grouped conv to an lhs-dilated 3-D convolution
-    with no fast kernel (measured ~100x slower than the dense case), and its dense dW slows
-    super-linearly with the pixel count. ``dW[i, j, :, g*co:(g+1)*co] = x_ij[..., g]^T @
-    dy[..., g]`` (``x_ij`` from :func:`_tap_slices`) is the same sum as plain matmuls.
-    """
+    """Input gradient from the forward path's transpose; weight gradient from
+    :func:`_weight_grad`, except for dense convs with small outputs (XLA's kernel wins)."""
     x, w = res
-    kh, kw, cin, cout_all = w.shape
-    b, ho, wo, _ = dy.shape
-    if groups == 1 and (cin >= TAP_DW_MIN_CHANNELS or ho * wo < TAP_DW_MIN_PIXELS):
+    _, ho, wo, _ = dy.shape
+    if groups == 1 and ho * wo < DW_MIN_PIXELS:
         _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, strides, padding, groups), x, w)
         return vjp(dy)
-    _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups), x)
-    (dx,) = vjp_x(dy)
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    rows = b * ho * wo
-    contract_rows = (((0,), (0,)), ((), ()))  # A^T B over the pixel axis
-    if groups == 1:  # im2col: one [rows, kh*kw*cin]^T @ [rows, cout] matmul
-        cols = jnp.concatenate([x_ij.reshape(rows, cin) for _, _, x_ij in _tap_slices(xp, kh, kw, strides, ho, wo)],
-                               axis=1)
-        dw = jax.lax.dot_general(cols, dy.reshape(rows, cout_all), contract_rows,
-                                 preferred_element_type=jnp.float32)
-        return dx, dw.reshape(kh, kw, cin, cout_all).astype(w.dtype)
-    dyg = dy.reshape(rows, groups, cout_all // groups)
-    taps = {}
-    for i, j, x_ij in _tap_slices(xp, kh, kw, strides, ho, wo):
-        g_io = jnp.einsum("ngi,ngo->gio", x_ij.reshape(rows, groups, cin), dyg,
-                          preferred_element_type=jnp.float32)
-        taps[i, j] = g_io.transpose(1, 0, 2).reshape(cin, cout_all)
-    dw = jnp.stack([jnp.stack([taps[i, j] for j in range(kw)]) for i in range(kh)])
-    return dx, dw.astype(w.dtype)
+    if _takes_elementwise_path(w.shape, strides, groups):
+        dx = _input_grad_elementwise(dy, w, padding, groups)
+    else:
+        _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups), x)
+        (dx,) = vjp_x(dy)
+    return dx, _weight_grad(x, dy, w.shape, strides, padding, groups).astype(w.dtype)
 
 
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
@@ -147,9 +238,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """``lax.conv_general_dilated`` with CPU-fast paths; every conv of the zoo goes through it.
 
     On the CPU backend, for convs with explicit NHWC/HWIO/NHWC dimension numbers and no
-    dilation: unpadded 1x1 convs run as one matmul (:func:`_pointwise_conv`); grouped convs
-    with narrow groups run as block-diagonal dense convs (:func:`_xla_conv`); grouped convs and
-    large narrow dense convs take their weight gradients from matmuls (:func:`_cpu_conv_bwd`).
+    dilation: unpadded 1x1 convs run as one matmul (:func:`_pointwise_conv`); stride-1 grouped
+    convs with <= 8 channels per group run as one elementwise fusion
+    (:func:`elementwise_grouped_conv`), strided ones as block-diagonal dense convs
+    (:func:`_xla_conv`); grouped convs and dense convs with >= 32x32 outputs take their weight
+    gradients from matmuls in a loop over batch chunks (:func:`_weight_grad`).
     All are tested equal to lax's outputs and gradients (tests/test_models.py). Other backends
     (GPU/TPU have fast conv kernels), other layouts (``dimension_numbers=None`` means lax's
     NCHW) and dilated convs go straight to lax.
