@@ -55,12 +55,13 @@ ELEMENTWISE_MAX_GROUP_CHANNELS = 8  # stride-1 grouped convs this narrow (in and
 
 
 def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: int):
-    """``(i, j, x_ij)``: the (padded) input pixels kernel tap ``(i, j)`` meets, ``[B, ho, wo, C]``."""
+    """``x_ij`` for each kernel tap ``(i, j)`` in row-major order: the (padded) input pixels
+    the tap meets, ``[B, ho, wo, C]``."""
     b, _, _, c = xp.shape
     sh, sw = strides
     for i in range(kh):
         for j in range(kw):
-            yield i, j, jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+            yield jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
                                       (1, sh, sw, 1))
 
 
@@ -168,7 +169,7 @@ def _weight_grad(x: jax.Array, dy: jax.Array, w_shape: tuple, strides: tuple, pa
 
     def chunk_grad(xc, dc):  # [cb, H, W, C], [rows, Cout] -> [kh*kw, ...]
         xp = jnp.pad(xc, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-        taps = [t.reshape(-1, cin) for _, _, t in _tap_slices(xp, kh, kw, strides, ho, wo)]
+        taps = [t.reshape(-1, cin) for t in _tap_slices(xp, kh, kw, strides, ho, wo)]
         if groups == 1 and cin < IM2COL_MAX_CHANNELS:
             cols = jnp.concatenate(taps, axis=1)
             return jax.lax.dot_general(cols, dc, rows_t, preferred_element_type=f32).reshape(kh * kw, cin, cout)
@@ -251,7 +252,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     if dimension_numbers is not None and lhs.ndim == 4:
         dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
         nhwc = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-    simple = (jax.default_backend() == "cpu" and nhwc and lhs.ndim == 4 and not isinstance(padding, str)
+    simple = (jax.default_backend() == "cpu" and nhwc and not isinstance(padding, str)
               and all(d in (None, 1) for d in (lhs_dilation or (1,)))
               and all(d in (None, 1) for d in (rhs_dilation or (1,)))
               and kwargs.get("preferred_element_type") is None and kwargs.get("out_sharding") is None)
