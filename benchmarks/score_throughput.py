@@ -80,7 +80,7 @@ def _peak_rss_mb() -> float:
 def jax_models(backbone: str, size: int, unet_width: int, unet_depth: int, seed: int = 0):
     """``({"model": (classifier, Head)}, LungSegmenter)`` with random weights."""
     from covidmt_jax import models
-    from covidmt_jax.models.lungs import LungSegmenter
+    from covidmt_jax.lungs import LungSegmenter
     from covidmt_jax.score import Head
     clf = models.create(backbone, num_classes=1, in_channels=1, rngs=seed)
     unet = models.create("unet", num_classes=1, in_channels=1, depth=unet_depth,

@@ -10,8 +10,8 @@ map back to that image's own pixel size.
 """
 from __future__ import annotations
 
+import io
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,14 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "lung_unet"
+from covidmt_jax.data.images import load_grey
+from covidmt_jax.export import load_model, read_spec
+from covidmt_jax.normalisation import normalise
+
+__all__ = ["SHIPPED_DIR", "LungSegmenter", "load_lung_segmenter", "lung_segmenter"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "lung_unet"
 
 
 def _to_grey01(image: Any, index: int) -> np.ndarray:
     """One input image -> float32 ``[H, W]`` in [0, 1]."""
-    from PIL import Image
-    from covidmt_jax.data.images import load_grey
     if isinstance(image, (str, os.PathLike, bytes)):
         return load_grey(image)
     if isinstance(image, Image.Image):
@@ -57,14 +62,12 @@ def _to_grey01(image: Any, index: int) -> np.ndarray:
 
 
 def _pil_bytes(image) -> bytes:
-    import io
     buf = io.BytesIO()
     image.save(buf, format="PNG" if image.mode not in ("CMYK",) else "TIFF")
     return buf.getvalue()
 
 
 def _resize(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
     if x.shape == tuple(hw):
         return x.astype(np.float32)
     return np.asarray(Image.fromarray(x.astype(np.float32), mode="F").resize(
@@ -94,7 +97,6 @@ class LungSegmenter:
 
     def lung_masks(self, images: Sequence[Any], *, batch_size: int = 8) -> list[np.ndarray]:
         """One float32 lung-probability map per image, at that image's own ``[H, W]``."""
-        from covidmt_jax.data.pipeline import normalise
         if isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object:
             if images.ndim == 2 or images.shape[-1] in (1, 3, 4):
                 images = [images]
@@ -117,7 +119,6 @@ class LungSegmenter:
 
 def load_lung_segmenter(directory: str | os.PathLike) -> LungSegmenter:
     """A :class:`LungSegmenter` from an exported U-Net (``train`` exports ``export/best``)."""
-    from covidmt_jax.export import load_model, read_spec
     spec = read_spec(directory)
     if spec["name"] != "unet":
         raise ValueError(f"{directory}: holds a {spec['name']!r} model, not a lung U-Net")

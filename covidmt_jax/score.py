@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults of every key the scoring job reads (see the module docstring)."""
     c = ml_collections.ConfigDict()
     c.classifiers = ml_collections.ConfigDict()
-    c.lungs = ""                     # U-Net export dir; "" = the shipped models.lung_segmenter()
+    c.lungs = ""                     # U-Net export dir; "" = the shipped lungs.lung_segmenter()
     c.pairs = ml_collections.ConfigDict({
         "source": "synthetic_pairs",  # wacxr | pairs | folder | synthetic_pairs
         "kwargs": {},                 # keyword arguments of the source
@@ -283,7 +283,7 @@ def load_classifier(name: str, entry: Mapping[str, Any], *, default_threshold: f
 
 def load_lungs(lungs: str):
     """The lung segmenter: the shipped one for ``""``, else an exported U-Net directory."""
-    from covidmt_jax.models import lungs as lung_models
+    from covidmt_jax import lungs as lung_models
     return lung_models.lung_segmenter(lungs or None)
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from covidmt_jax.models.lungs import SHIPPED_DIR
+from covidmt_jax.lungs import SHIPPED_DIR
 
 
 @pytest.mark.skipif(not (SHIPPED_DIR / "model.json").is_file(), reason="no shipped lung U-Net")

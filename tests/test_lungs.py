@@ -10,7 +10,7 @@ from PIL import Image
 
 from covidmt_jax import models
 from covidmt_jax.export import save_model
-from covidmt_jax.models.lungs import SHIPPED_DIR, LungSegmenter, load_lung_segmenter, lung_segmenter
+from covidmt_jax.lungs import SHIPPED_DIR, LungSegmenter, load_lung_segmenter, lung_segmenter
 
 
 @pytest.fixture(scope="module")

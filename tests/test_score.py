@@ -80,7 +80,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def test_fused_step_cams_equal_explain_gradcam(exported):
     """The jitted step's CAMs (sigmoid head and COVIDMT's covid column) are explain.gradcam's."""
-    from covidmt_jax.models.lungs import load_lung_segmenter
+    from covidmt_jax.lungs import load_lung_segmenter
     src = get_source("synthetic_pairs", n=3, size=S)
     xo = np.stack([load_pair(src[i], S).original for i in range(3)])
     xt = np.stack([load_pair(src[i], S).transmitted for i in range(3)])

@@ -60,6 +60,7 @@ import numpy as np
 from covidmt_jax.data import augment as aug
 from covidmt_jax.data import images
 from covidmt_jax.data.records import DataError, check_on_error
+from covidmt_jax.normalisation import GREY_MEAN, GREY_STD, denormalise, normalise
 
 __all__ = [
     "GREY_MEAN",
@@ -80,28 +81,6 @@ __all__ = [
     "checkpoint_save_args",
     "checkpoint_restore_args",
 ]
-
-#: ImageNet grey statistics: the means of torchvision's RGB means (0.485, 0.456, 0.406) and
-#: stds (0.229, 0.224, 0.225), so a grey model with summed RGB kernels sees what an RGB model
-#: sees on the grey image replicated to three channels.
-GREY_MEAN = 0.449
-GREY_STD = 0.226
-
-
-def normalise(x):
-    """``(x - GREY_MEAN) / GREY_STD`` for a grey image in [0, 1] (numpy or jax arrays; numpy
-    results are float32)."""
-    if isinstance(x, (np.ndarray, np.generic, float, int)):
-        return ((np.asarray(x, np.float32) - np.float32(GREY_MEAN)) / np.float32(GREY_STD)).astype(np.float32)
-    return (x - GREY_MEAN) / GREY_STD
-
-
-def denormalise(x):
-    """Inverse of :func:`normalise`: back to the [0, 1] grey scale (not clipped)."""
-    if isinstance(x, (np.ndarray, np.generic, float, int)):
-        return (np.asarray(x, np.float32) * np.float32(GREY_STD) + np.float32(GREY_MEAN)).astype(np.float32)
-    return x * GREY_STD + GREY_MEAN
-
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     """``(H, W)`` from an int or a pair; positive integers only."""
