@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -277,3 +278,127 @@ def test_cli_as_module(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "size reduction" in r.stdout
     assert ch.is_jpeg((tmp_path / "out" / "covid_binary_test_jpeg50" / "1_COVID-19" / "img2.png").read_bytes())
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_overwrite_replaces_the_output_set(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    files = _make_src(src)
+    assert cli.main([str(src), str(dst)]) == 0
+    orig, tx = dst / "covid_binary_test", dst / "covid_binary_test_whatsapp"
+    (src / "0_NON_COVID" / "img0.png").unlink()                 # one image fewer in the new source
+    del files["0_NON_COVID/img0.png"]
+    (orig / "stale.png").write_bytes(b"left over")               # and a file nobody asked for
+    (dst / "notes.txt").write_text("not part of the output set")
+    assert cli.main(["--overwrite", str(src), str(dst)]) == 0
+    assert _files(orig) == files                                 # exactly the new set, no stale pairs
+    assert sorted(_files(tx)) == sorted(files)
+    assert (dst / "notes.txt").read_text() == "not part of the output set"
+    assert sorted(p.name for p in dst.iterdir()) == ["covid_binary_test", "covid_binary_test_whatsapp", "notes.txt"]
+    # a failed run (a bad image, no --skip-bad) leaves the previous output untouched
+    (src / "1_COVID-19" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
+    assert cli.main(["--overwrite", str(src), str(dst)]) == 2
+    assert "zz_bad.png" in capsys.readouterr().err
+    assert _files(orig) == files
+    assert sorted(p.name for p in dst.iterdir()) == ["covid_binary_test", "covid_binary_test_whatsapp", "notes.txt"]
+
+
+def test_cli_never_writes_through_symlinks(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_src(src)
+    assert cli.main([str(src), str(dst)]) == 0
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    link = dst / "covid_binary_test_whatsapp" / "0_NON_COVID" / "img0.png"
+    link.unlink()
+    link.symlink_to(victim)                                      # a link in DST leading outside it
+    assert cli.main(["--overwrite", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(link) in err and "outside" in err and err.count("\n") == 1
+    assert victim.read_bytes() == b"precious" and link.is_symlink()
+    # a link that stays inside DST is replaced by a real file; its target is not written
+    keep = dst / "keep.bin"
+    keep.write_bytes(b"keep me")
+    link.unlink()
+    link.symlink_to(keep)
+    assert cli.main(["--overwrite", str(src), str(dst)]) == 0
+    assert keep.read_bytes() == b"keep me"
+    assert not link.is_symlink() and ch.is_jpeg(link.read_bytes())
+    # DST itself a symbolic link
+    alias = tmp_path / "alias"
+    alias.symlink_to(dst)
+    assert cli.main(["--overwrite", str(src), str(alias)]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+
+
+def test_cli_refuses_every_overlap_of_src_and_dst(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src"
+    _make_src(src)
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "to_src").symlink_to(src)
+    nested_src = tmp_path / "outer" / "data"
+    _make_src(nested_src)
+    (tmp_path / "to_outer").symlink_to(tmp_path / "outer")
+    before = _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (src, src, "same folder"),
+        ("src", "./src/../src", "same folder"),                  # relative paths
+        (src, tmp_path / "to_src", "same folder"),               # through a symlink
+        (src, src / "out", "inside SRC_DIR"),
+        ("src", "to_src/out", "inside SRC_DIR"),
+        (nested_src, tmp_path / "outer", "inside DST_DIR"),
+        (tmp_path / "to_outer" / "data", "outer", "inside DST_DIR"),
+    ]
+    for s, d, what in cases:
+        assert cli.main([str(s), str(d)]) == 2, (s, d)
+        err = capsys.readouterr().err
+        assert what in err and err.count("\n") == 1, (s, d, err)
+    # an image in SRC that is a link into DST
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "x.png").write_bytes((src / "0_NON_COVID" / "img0.png").read_bytes())
+    (src / "0_NON_COVID" / "linked.png").symlink_to(dst / "x.png")
+    assert cli.main([str(src), str(dst)]) == 2
+    assert "symbolic link into DST_DIR" in capsys.readouterr().err
+    (src / "0_NON_COVID" / "linked.png").unlink()
+    (dst / "x.png").unlink()
+    dst.rmdir()
+    assert _files(tmp_path) == before                            # nothing was written anywhere
+
+
+def test_cli_file_system_errors_are_one_line_naming_the_path(tmp_path):
+    src = tmp_path / "src"
+    _make_src(src)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(a_file, "exists and is not a folder"), (a_file / "sub", "Not a directory")]
+    if os.geteuid() != 0:  # permissions do not bind root
+        ro = tmp_path / "read_only"
+        ro.mkdir()
+        ro.chmod(0o500)
+        cases.append((ro, "Permission denied"))
+    for dst, problem in cases:
+        r = subprocess.run([sys.executable, "-m", "covidmt_jax.channel", str(src), str(dst)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert str(dst if problem != "Not a directory" else a_file) in r.stderr and problem in r.stderr, r.stderr
+
+
+def test_cli_file_system_error_while_writing(tmp_path, capsys, monkeypatch):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_src(src)
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "_write_new", full_disk)
+    assert cli.main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "No space left on device" in err and "img0.png" in err
+    assert err.count("\n") == 1
+    assert list(dst.iterdir()) == []                             # the staging folder is gone
