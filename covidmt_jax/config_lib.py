@@ -9,6 +9,8 @@ reads them in one place. Layout::
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
     init.torch_weights, init.source     ImageNet initialisation from a user-given file
     data.image_size, data.per_task_batch, data.eval_batch_size, data.num_workers,
+    data.on_error ("raise": an unreadable image stops the run naming the file; "skip": it is
+        left out of training and evaluation, logged once, listed in summary.json)
     data.augment (the paper's ranges: translate, rotate_deg, zoom, hflip, intensity_shift; all 0 = off)
     data.train.<dataset> / data.val.<dataset>:
         source (a covidmt_jax.data.sources name), kwargs (its arguments),
@@ -53,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         "image_size": 512, "per_task_batch": 4, "eval_batch_size": 16, "num_workers": 0,
         "augment": {"translate": 0.1, "rotate_deg": 10.0, "zoom": 0.15, "hflip": True,
                     "intensity_shift": 0.1, "min_box_area": 0.2},
-        "max_boxes": 8, "train": {}, "val": {},
+        "max_boxes": 8, "on_error": "raise", "train": {}, "val": {},
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "adam", "lr": 2e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
@@ -157,6 +159,9 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
                 raise ConfigError(f"{where}.holdout must be in [0, 1)")
             if entry.get("holdout_part", "keep") not in ("keep", "hold"):
                 raise ConfigError(f"{where}.holdout_part must be 'keep' or 'hold'")
+    from covidmt_jax.data.records import ON_ERROR
+    if c.data.get("on_error", "raise") not in ON_ERROR:
+        raise ConfigError(f"config.data.on_error must be one of {ON_ERROR}, got {c.data.on_error!r}")
     if c.optimizer.name not in ("adam", "adamw", "sgd"):
         raise ConfigError(f"config.optimizer.name must be adam, adamw or sgd, got {c.optimizer.name!r}")
     if c.optimizer.lr <= 0:
