@@ -1,11 +1,15 @@
 """Summaries and reports of a scoring job (:mod:`covidmt_jax.score`).
 
-- :func:`summarize` — per-model scores from the per-pair rows: PI with a bootstrap 95 % CI,
-  the flip directions and McNemar's test on them, OLS on originals and on transmitted images
-  with CIs and the number of empty heat maps, accuracy / sensitivity / specificity / ROC-AUC on
-  each side, McNemar's test on the paired correctness, and error counts by kind. Every score
-  uses the rows of that model without an error; NaN (undefined, e.g. no positive label) is
-  written as ``null`` in ``summary.json``.
+- :func:`summarize` — per-model scores from the per-pair rows: PI with its exact binomial
+  (Clopper-Pearson) 95 % interval, the flip directions and McNemar's test on them, OLS on
+  originals and on transmitted images with their intervals and the number of empty heat maps,
+  OLS original vs transmitted (paired), accuracy / sensitivity / specificity (binomial
+  intervals) and ROC-AUC (DeLong) on each side, McNemar's test on the paired correctness, the
+  error rate, and error counts by kind; plus paired comparisons of every two models on the
+  pairs both scored (:func:`compare_models`: PI and OLS differences with Newcombe intervals
+  and exact McNemar p, ROC-AUC differences with DeLong). Every score uses the rows of that
+  model without an error; NaN (undefined, e.g. no positive label) is written as ``null`` in
+  ``summary.json`` (:func:`jsonable`).
 - :func:`write_report` — ``report.md`` (paper-style tables: PI like Table 2, OLS original vs
   transmitted like Figs. 4 / 7) and PNG plots (``pi.png``, ``ols.png``, ``iol_hist.png``) and
   overlay galleries ``gallery_<model>_{flipped,random}.png`` (original beside transmitted:
@@ -26,8 +30,8 @@ import numpy as np
 
 from covidmt_jax import metrics
 
-__all__ = ["summarize", "model_summary", "jsonable", "write_report", "write_sweep_report",
-           "gallery_figure"]
+__all__ = ["summarize", "model_summary", "compare_models", "interval_methods", "jsonable",
+           "write_report", "write_sweep_report", "gallery_figure"]
 
 
 # ============================================================================ numbers
@@ -57,31 +61,83 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0].strip()
 
 
+def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson") -> dict[str, str]:
+    """What each interval and test in a summary is (written to ``summary.json["intervals"]``)."""
+    level = f"{100 * (1 - alpha):g} %"
+    name = {"clopper-pearson": "Clopper-Pearson exact", "wilson": "Wilson score"}[method]
+    return {
+        "level": level,
+        "proportions": f"{name} binomial {level} interval",
+        "denominators": "PI: the scored pairs; OLS: the images with a non-empty heat map "
+                        "(n_used; the empty ones are counted in n_empty); accuracy: the labelled "
+                        "pairs; sensitivity / specificity: their positives / negatives; error "
+                        "rate: all rows of the model",
+        "roc_auc": f"DeLong {level} interval (normal, clipped to [0, 1])",
+        "paired_difference": f"Newcombe hybrid score {level} interval for the difference of "
+                             "paired proportions, in percentage points",
+        "mcnemar": "exact two-sided McNemar, p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)])",
+        "roc_auc_difference": f"DeLong paired test, normal {level} interval"}
+
+
+def _pair_index(rows: Mapping[str, np.ndarray], model: str) -> dict[str, int]:
+    """pair_id -> row index of the scored (error-free) rows of one model's rows."""
+    ids = np.asarray(rows["pair_id"], dtype=object)
+    ok = np.flatnonzero(np.asarray(rows["error"], dtype=object) == "")
+    index: dict[str, int] = {}
+    for i in ok:
+        pid = str(ids[i])
+        if pid in index:
+            raise ValueError(f"summarize: model {model!r} has more than one scored row for pair "
+                             f"{pid!r}; the rows must hold one row per (pair, model)")
+        index[pid] = int(i)
+    return index
+
+
 def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta: float = 0.4,
-                  n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Scores of ONE model from its rows (columns of :data:`covidmt_jax.score.ROW_COLUMNS`)."""
+                  n_boot: int | None = None, seed: int | None = None, alpha: float = 0.05,
+                  method: str = "clopper-pearson") -> dict[str, Any]:
+    """Scores of ONE model from its rows (columns of :data:`covidmt_jax.score.ROW_COLUMNS`).
+
+    Every proportion carries a binomial interval (``method``: "clopper-pearson", the default,
+    or "wilson"; :func:`covidmt_jax.metrics.binomial_ci`), ROC-AUC DeLong's, and the paired
+    original-vs-transmitted comparisons Newcombe's interval with McNemar's exact p
+    (:func:`covidmt_jax.metrics.paired_comparison`). Keys: ``threshold``, ``n_pairs``,
+    ``n_scored``, ``n_errors``, ``errors``, ``error_rate``, ``pi``, ``ols`` (``original``,
+    ``transmitted``), ``ols_orig_vs_trans``, ``lung_frac``, ``n_labelled`` and, with labels,
+    ``classification``, ``mcnemar_correct``, ``accuracy_orig_vs_trans``,
+    ``roc_auc_orig_vs_trans``. Percentages for PI, OLS, error rate and the paired differences
+    (percentage points); fractions in ``classification``.
+
+    ``n_boot`` and ``seed`` are accepted for callers written for the percentile-bootstrap
+    version and ignored: no interval resamples any more.
+    """
     err = np.asarray(rows["error"], dtype=object)
     ok = err == ""
     kinds = Counter(error_kind(e) for e in err[~ok])
+    n_err = int((~ok).sum())
     out: dict[str, Any] = {"threshold": float(threshold), "n_pairs": int(len(err)),
-                           "n_scored": int(ok.sum()), "n_errors": int((~ok).sum()),
-                           "errors": dict(sorted(kinds.items()))}
+                           "n_scored": int(ok.sum()), "n_errors": n_err,
+                           "errors": dict(sorted(kinds.items())),
+                           "error_rate": _ci(metrics.percent_ci(n_err, len(err), alpha, method))}
     if not ok.any():
         return out
     po = np.asarray(rows["prob_orig"], np.float64)[ok]
     pt = np.asarray(rows["prob_trans"], np.float64)[ok]
     do, dt = po >= threshold, pt >= threshold
-    pi = metrics.pi_score_ci(po, pt, threshold, n_boot=n_boot, seed=seed)
-    out["pi"] = {**_ci(pi), "n_flips": int((do != dt).sum()),
+    pi = metrics.pi_score_ci(po, pt, threshold, alpha=alpha, method=method)
+    out["pi"] = {**_ci(pi), "n": int(ok.sum()), "n_flips": int((do != dt).sum()),
                  "pos_to_neg": int((do & ~dt).sum()), "neg_to_pos": int((~do & dt).sum()),
                  "mcnemar_direction": metrics.mcnemar(do, dt)}
     out["ols"] = {}
+    iols = {}
     for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans")):
-        iol = np.asarray(rows[key], np.float64)[ok]
+        iol = iols[side] = np.asarray(rows[key], np.float64)[ok]
         counts = metrics.ols_counts(iol, eta)
-        s = metrics.ols_score_ci(iol, eta, n_boot=n_boot, seed=seed)
+        s = metrics.ols_score_ci(iol, eta, alpha=alpha, method=method)
         out["ols"][side] = {**counts, "lo": s[1], "hi": s[2],
                             "mean_iol": float(np.nanmean(iol)) if np.isfinite(iol).any() else float("nan")}
+    out["ols_orig_vs_trans"] = metrics.ols_paired_comparison(iols["original"], iols["transmitted"],
+                                                             eta, alpha)
     out["lung_frac"] = {"original": float(np.mean(np.asarray(rows["lung_frac_orig"])[ok])),
                         "transmitted": float(np.mean(np.asarray(rows["lung_frac_trans"])[ok]))}
     labels = np.asarray(rows["label"])[ok]
@@ -90,27 +146,91 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
     if known.any():
         y = labels[known].astype(bool)
         out["classification"] = {
-            "original": metrics.classification_report(y, po[known], threshold),
-            "transmitted": metrics.classification_report(y, pt[known], threshold)}
+            side: metrics.classification_report(y, p[known], threshold, alpha=alpha, method=method)
+            for side, p in (("original", po), ("transmitted", pt))}
         out["mcnemar_correct"] = metrics.mcnemar(do[known], dt[known], labels=y)
+        out["accuracy_orig_vs_trans"] = metrics.paired_comparison(do[known] == y, dt[known] == y,
+                                                                  alpha)
+        out["roc_auc_orig_vs_trans"] = metrics.roc_auc_compare(y, po[known], pt[known], alpha)
+    return out
+
+
+def compare_models(rows: Mapping[str, np.ndarray], model_a: str, model_b: str, *,
+                   thresholds: Mapping[str, float] | None = None, eta: float = 0.4,
+                   alpha: float = 0.05) -> dict[str, Any]:
+    """Paired comparison of two models on the pairs both scored without an error.
+
+    Returns ``{"models": [a, b], "n_pairs", "pi", "ols": {"original", "transmitted"},
+    "roc_auc": {"original", "transmitted"}}`` (``roc_auc`` only with labelled pairs):
+      - ``pi``: :func:`covidmt_jax.metrics.paired_comparison` of the flip indicators (pair
+        flips under a / under b): ``diff`` = PI_a - PI_b in percentage points with Newcombe's
+        interval, exact McNemar p on the pairs that flip under one model only (n10, n01).
+      - ``ols``: :func:`covidmt_jax.metrics.ols_paired_comparison` per side: McNemar on
+        ``IOL < eta`` over the pairs whose heat maps are non-empty under both models
+        (``n_excluded`` counts the others); ``diff`` = OLS_a - OLS_b on those pairs.
+      - ``roc_auc``: :func:`covidmt_jax.metrics.roc_auc_compare` (DeLong, paired), per side.
+    Rows are matched by ``pair_id``; a model with two scored rows for one pair raises.
+    """
+    thresholds = thresholds or {}
+    model = np.asarray(rows["model"], dtype=object)
+    sub = {m: {k: np.asarray(v)[model == m] for k, v in rows.items()} for m in (model_a, model_b)}
+    idx = {m: _pair_index(sub[m], m) for m in (model_a, model_b)}
+    common = sorted(set(idx[model_a]) & set(idx[model_b]))
+    out: dict[str, Any] = {"models": [model_a, model_b], "n_pairs": len(common)}
+    if not common:
+        return out
+    take = {m: np.array([idx[m][p] for p in common]) for m in (model_a, model_b)}
+
+    def col(m: str, key: str) -> np.ndarray:
+        return np.asarray(sub[m][key], np.float64)[take[m]]
+
+    def flips(m: str) -> np.ndarray:
+        t = thresholds.get(m, 0.5)
+        return (col(m, "prob_orig") >= t) != (col(m, "prob_trans") >= t)
+
+    out["pi"] = metrics.paired_comparison(flips(model_a), flips(model_b), alpha)
+    out["ols"] = {side: metrics.ols_paired_comparison(col(model_a, key), col(model_b, key), eta, alpha)
+                  for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans"))}
+    labels = col(model_a, "label")
+    known = labels >= 0
+    if known.any():
+        y = labels[known].astype(bool)
+        out["roc_auc"] = {side: metrics.roc_auc_compare(y, col(model_a, key)[known],
+                                                        col(model_b, key)[known], alpha)
+                          for side, key in (("original", "prob_orig"), ("transmitted", "prob_trans"))}
     return out
 
 
 def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: float = 0.4,
-              n_boot: int = 2000, seed: int = 0,
-              thresholds: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """``{"models": {name: model_summary}, "n_pairs", "n_errors", "eta", "n_boot"}``."""
+              n_boot: int | None = None, seed: int | None = None,
+              thresholds: Mapping[str, float] | None = None, alpha: float = 0.05,
+              method: str = "clopper-pearson") -> dict[str, Any]:
+    """``{"models": {name: model_summary}, "comparisons": [compare_models for each pair of
+    models, in the order given], "n_pairs", "n_pairs_with_error", "eta", "alpha", "ci",
+    "intervals"}``.
+
+    ``ci`` is a one-line description of the proportion intervals and ``intervals``
+    (:func:`interval_methods`) describes each interval and test. A model with two scored rows
+    for one ``pair_id`` raises ``ValueError`` (it would count the pair twice). ``n_boot`` and
+    ``seed`` are accepted for callers written for the bootstrap version and ignored.
+    """
     thresholds = thresholds or {}
+    models = list(models)
     per = {}
+    model = np.asarray(rows["model"], dtype=object)
     for m in models:
-        sel = np.asarray(rows["model"], dtype=object) == m
-        per[m] = model_summary({k: np.asarray(v)[sel] for k, v in rows.items()},
-                               thresholds.get(m, 0.5), eta=eta, n_boot=n_boot, seed=seed)
+        sel = model == m
+        mine = {k: np.asarray(v)[sel] for k, v in rows.items()}
+        _pair_index(mine, m)  # one scored row per pair, or a clear error
+        per[m] = model_summary(mine, thresholds.get(m, 0.5), eta=eta, alpha=alpha, method=method)
+    comparisons = [compare_models(rows, a, b, thresholds=thresholds, eta=eta, alpha=alpha)
+                   for i, a in enumerate(models) for b in models[i + 1:]]
     ids = np.asarray(rows["pair_id"], dtype=object)
     bad = ids[np.asarray(rows["error"], dtype=object) != ""]
-    return {"models": per, "n_pairs": int(len(set(ids.tolist()))),
+    intervals = interval_methods(alpha, method)
+    return {"models": per, "comparisons": comparisons, "n_pairs": int(len(set(ids.tolist()))),
             "n_pairs_with_error": int(len(set(bad.tolist()))), "eta": float(eta),
-            "n_boot": int(n_boot), "ci": "percentile bootstrap 95 % over pairs"}
+            "alpha": float(alpha), "ci": intervals["proportions"], "intervals": intervals}
 
 
 # ============================================================================ formatting
@@ -124,6 +244,20 @@ def _with_ci(d: Mapping[str, Any] | None, key: str = "score") -> str:
     if not d:
         return "–"
     return f"{_f(d.get(key))} [{_f(d.get('lo'))}, {_f(d.get('hi'))}]"
+
+
+def _with_ci_pair(value: Any, lohi: Sequence | None, digits: int = 3) -> str:
+    """``value [lo, hi]`` from a value and a [lo, hi] list (classification rates)."""
+    if not lohi:
+        return _f(value, digits)
+    return f"{_f(value, digits)} [{_f(lohi[0], digits)}, {_f(lohi[1], digits)}]"
+
+
+def _paired_cells(c: Mapping[str, Any]) -> list[str]:
+    """Table cells of a paired comparison: n, rate first, rate second, diff [CI], b, c, p."""
+    return [str(c.get("n", 0)), _f(c.get("rate_first")), _f(c.get("rate_second")),
+            f"{_f(c.get('diff'))} [{_f(c.get('lo'))}, {_f(c.get('hi'))}]",
+            str(c.get("n10", "–")), str(c.get("n01", "–")), _p(c.get("p_value"))]
 
 
 def _p(x: Any) -> str:
@@ -269,7 +403,12 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
               + f"; image size {job.get('image_size')} px; Grad-CAM `{job.get('cam_method')}`, "
               f"heat-map region = CAM >= {job.get('cam_threshold')}; lungs = U-Net prob >= 0.5; "
               f"eta = {eta}. IOL is computed at the model input resolution.", ""]
-    L += [f"Confidence intervals: {summary.get('ci', '')} ({summary.get('n_boot')} resamples). "
+    iv = summary.get("intervals") or {}
+    L += [f"Intervals ({iv.get('level', '95 %')}): rates (PI, OLS, accuracy, sensitivity, "
+          f"specificity, error rate) with the {summary.get('ci', '')}; ROC-AUC with DeLong's "
+          "interval; paired differences (same pairs, two sides or two models) with Newcombe's "
+          "hybrid score interval, in percentage points (pp), and McNemar's exact test "
+          "(p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]), b and c the discordant counts). "
           "Scores use the rows without an error; pairs with an error are counted below.", ""]
     L += ["## Prediction instability (cf. Table 2)", ""]
     body = []
@@ -289,12 +428,53 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
         o = summary["models"][m].get("ols") or {}
         so, st = o.get("original"), o.get("transmitted")
         body.append([m, _with_ci(so), _with_ci(st),
-                     _f((so or {}).get("mean_iol"), 3), _f((st or {}).get("mean_iol"), 3),
-                     f"{(so or {}).get('n_empty', '–')} / {(st or {}).get('n_empty', '–')}"])
-    L += _md_table(["model", f"OLS % original [CI]", "OLS % transmitted [CI]", "mean IOL orig",
-                    "mean IOL trans", "empty heat maps orig / trans"], body)
-    L += ["Empty heat maps (no CAM pixel >= the threshold) have no IOL and are left out of OLS.",
-          "", "![OLS](ols.png)", "", "![IOL histograms](iol_hist.png)", ""]
+                     f"{(so or {}).get('n_used', '–')} / {(st or {}).get('n_used', '–')}",
+                     f"{(so or {}).get('n_empty', '–')} / {(st or {}).get('n_empty', '–')}",
+                     _f((so or {}).get("mean_iol"), 3), _f((st or {}).get("mean_iol"), 3)])
+    L += _md_table(["model", "OLS % original [CI]", "OLS % transmitted [CI]",
+                    "maps used orig / trans", "empty heat maps orig / trans", "mean IOL orig",
+                    "mean IOL trans"], body)
+    L += ["Empty heat maps (no CAM pixel >= the threshold) have no IOL: they are left out of OLS "
+          "and of its interval (which is over the maps used).", ""]
+    body = []
+    for m in models:
+        c = summary["models"][m].get("ols_orig_vs_trans")
+        if c:
+            body.append([m, *_paired_cells(c), str(c["n_excluded"])])
+    if body:
+        L += ["Paired, on the pairs whose heat maps are non-empty on both sides (McNemar on "
+              f"IOL < {eta}; b = out of the lungs on the original only, c = on the transmitted "
+              "only):", ""]
+        L += _md_table(["model", "pairs", "OLS % orig", "OLS % trans", "orig − trans pp [95 % CI]",
+                        "b", "c", "McNemar exact p", "pairs excluded (empty map)"], body)
+    L += ["![OLS](ols.png)", "", "![IOL histograms](iol_hist.png)", ""]
+    comparisons = [c for c in summary.get("comparisons", []) if c.get("n_pairs")]
+    if comparisons:
+        L += ["## Model comparisons (paired, on the pairs both models scored)", "",
+              "diff = first model − second model in percentage points. PI: b = pairs that flip "
+              "under the first model only, c = under the second only. OLS: McNemar on "
+              f"IOL < {eta} over the pairs with non-empty heat maps under both models.", ""]
+        body = []
+        for c in comparisons:
+            a, b = c["models"]
+            name = f"{a} − {b}"
+            body.append([name, "PI", *_paired_cells(c["pi"]), "–"])
+            for side in ("original", "transmitted"):
+                o = c["ols"][side]
+                body.append([name, f"OLS {side}", *_paired_cells(o), str(o["n_excluded"])])
+        L += _md_table(["models", "score", "pairs", "first %", "second %", "diff pp [95 % CI]",
+                        "b", "c", "McNemar exact p", "excluded (empty map)"], body)
+        body = []
+        for c in comparisons:
+            for side, r in (c.get("roc_auc") or {}).items():
+                body.append([f"{c['models'][0]} − {c['models'][1]}", side, _f(r["auc_a"], 3),
+                             _f(r["auc_b"], 3),
+                             f"{_f(r['diff'], 3)} [{_f(r['lo'], 3)}, {_f(r['hi'], 3)}]",
+                             _p(r["p_value"])])
+        if body:
+            L += ["ROC-AUC, paired DeLong test on the labelled pairs:", ""]
+            L += _md_table(["models", "side", "AUC first", "AUC second", "diff [95 % CI]", "p"],
+                           body)
     L += ["## Classification on each side", ""]
     body = []
     for m in models:
@@ -305,16 +485,25 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
         mc = summary["models"][m]["mcnemar_correct"]
         for side in ("original", "transmitted"):
             r = c[side]
-            body.append([m, side, str(r["n"]), _f(r["accuracy"], 3), _f(r["sensitivity"], 3),
-                         _f(r["specificity"], 3), _f(r["roc_auc"], 3)])
-        body.append([m, f"McNemar on correctness: b={mc['b']}, c={mc['c']}, p={_p(mc['p_value'])} "
-                        f"({mc['method']})", "", "", "", "", ""])
-    L += _md_table(["model", "side", "n", "accuracy", "sensitivity", "specificity", "ROC-AUC"], body)
+            ci = r.get("ci") or {}
+            body.append([m, side, str(r["n"])] + [_with_ci_pair(r[k], ci.get(k)) for k in
+                                                  ("accuracy", "sensitivity", "specificity",
+                                                   "roc_auc")])
+        acc = summary["models"][m].get("accuracy_orig_vs_trans") or {}
+        auc = summary["models"][m].get("roc_auc_orig_vs_trans") or {}
+        body.append([m, "orig − trans",
+                     f"b={mc['b']}, c={mc['c']}",
+                     f"{_f(acc.get('diff'))} pp [{_f(acc.get('lo'))}, {_f(acc.get('hi'))}], "
+                     f"McNemar p={_p(mc['p_value'])} ({mc['method']})", "", "",
+                     f"{_f(auc.get('diff'), 3)} [{_f(auc.get('lo'), 3)}, {_f(auc.get('hi'), 3)}], "
+                     f"DeLong p={_p(auc.get('p_value'))}"])
+    L += _md_table(["model", "side", "n", "accuracy [CI]", "sensitivity [CI]",
+                    "specificity [CI]", "ROC-AUC [DeLong CI]"], body)
     L += ["## Errors", ""]
-    body = [[m, str(s["n_pairs"]), str(s["n_errors"]),
+    body = [[m, str(s["n_pairs"]), str(s["n_errors"]), _with_ci(s.get("error_rate")),
              ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "–"]
             for m, s in summary["models"].items()]
-    L += _md_table(["model", "rows", "errors", "by kind"], body)
+    L += _md_table(["model", "rows", "errors", "error rate % [95 % CI]", "by kind"], body)
     if job.get("source_skipped"):
         L += [f"The pair source itself skipped {job['source_skipped']} file(s) while listing "
               "(no rows for them), e.g.:", ""]

@@ -196,11 +196,17 @@ def test_classification_report():
     assert (r["n"], r["n_pos"], r["n_neg"], r["tp"], r["fn"]) == (7, 3, 4, 2, 1)
     assert r["accuracy"] == pytest.approx(5 / 7)
     assert r["roc_auc"] == pytest.approx(_brute_auc(LABELS, PROBS))
+    ci = r["ci"]
+    assert ci["accuracy"] == pytest.approx(list(M.binomial_ci(5, 7)))
+    assert ci["sensitivity"] == pytest.approx(list(M.binomial_ci(2, 3)))
+    assert ci["specificity"] == pytest.approx(list(M.binomial_ci(r["tn"], 4)))
+    assert ci["roc_auc"] == pytest.approx(list(M.roc_auc_ci(LABELS, PROBS)[1:]))
+    assert (ci["method"], ci["roc_auc_method"], ci["level"]) == ("clopper-pearson", "DeLong", 0.95)
     with pytest.raises(ValueError, match="scores"):
         M.classification_report(LABELS, PROBS >= 0.5)
 
 
-# ------------------------------------------------------------------------------------ bootstrap
+# ------------------------------------------------------------------------- binomial intervals
 def _pairs(n, flip_rate, seed):
     rng = np.random.default_rng(seed)
     orig = rng.random(n)
@@ -210,83 +216,210 @@ def _pairs(n, flip_rate, seed):
     return orig, trans
 
 
-def test_bootstrap_ci_contains_point_and_shrinks_with_n():
-    small = M.pi_score_ci(*_pairs(200, 0.07, 0), n_boot=1000)
-    big = M.pi_score_ci(*_pairs(10_000, 0.07, 1), n_boot=1000)
+@pytest.mark.parametrize("method, scipy_name", [("clopper-pearson", "exact"), ("wilson", "wilson")])
+def test_binomial_ci_matches_scipy_binomtest(method, scipy_name):
+    stats = pytest.importorskip("scipy.stats")
+    for k, n in [(0, 1), (1, 1), (0, 200), (1, 200), (3, 17), (100, 200), (199, 200), (200, 200)]:
+        want = stats.binomtest(k, n).proportion_ci(0.95, method=scipy_name)
+        assert M.binomial_ci(k, n, method=method) == pytest.approx((want.low, want.high), abs=1e-12)
+        want90 = stats.binomtest(k, n).proportion_ci(0.90, method=scipy_name)
+        assert M.binomial_ci(k, n, 0.10, method) == pytest.approx((want90.low, want90.high), abs=1e-12)
+    # array input: one interval per count
+    lo, hi = M.binomial_ci(np.array([0, 1, 5]), 200)
+    assert lo.shape == hi.shape == (3,) and hi[0] == pytest.approx(M.binomial_ci(0, 200)[1])
+
+
+def test_zero_of_200_has_a_non_degenerate_interval():
+    # Clopper-Pearson upper limit for 0/200: 1 - 0.025 ** (1 / 200) = 1.827 %
+    lo, hi = M.binomial_ci(0, 200)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 200), rel=1e-12)
+    assert hi == pytest.approx(0.01828, abs=1e-5)
+    same = np.linspace(0.1, 0.9, 200)
+    assert M.pi_score_ci(same, same) == pytest.approx((0.0, 0.0, 100 * hi))
+    # all flipped: [98.17, 100]
+    assert M.pi_score_ci(same, 1.0 - same)[1:] == pytest.approx((100 * (1 - hi), 100.0))
+
+
+def test_binomial_ci_edge_cases_and_errors():
+    assert all(math.isnan(v) for v in M.binomial_ci(0, 0))
+    lo, hi = M.binomial_ci(np.array([0, 3]), np.array([0, 10]))
+    assert math.isnan(lo[0]) and 0 < lo[1] < 0.3 < hi[1] < 1
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        M.binomial_ci(5, 3)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        M.binomial_ci(-1, 3)
+    with pytest.raises(ValueError, match="integer"):
+        M.binomial_ci(1.5, 3)
+    with pytest.raises(ValueError, match="method"):
+        M.binomial_ci(1, 3, method="wald")
+    with pytest.raises(ValueError, match="alpha"):
+        M.binomial_ci(1, 3, alpha=1.5)
+
+
+@pytest.mark.parametrize("rate", [0.005, 0.01])
+def test_pi_interval_keeps_its_coverage_by_simulation(rate):
+    """2 x 20,000 seeded samples of 200 pairs: the 95 % interval covers the true flip rate in
+    >= 93 % of them (the percentile bootstrap it replaces: 66 % at 0.5 %, 87 % at 1 %)."""
+    rng = np.random.default_rng(12)
+    k = rng.binomial(200, rate, size=20_000)
+    lo, hi = M.binomial_ci(k, 200)
+    coverage = np.mean((lo <= rate) & (rate <= hi))
+    assert coverage >= 0.93, coverage
+    # the same intervals through the public PI function (the first samples as flip vectors)
+    orig = np.full(200, 0.9)
+    for i in range(20):
+        trans = orig.copy()
+        trans[:k[i]] = 0.1
+        assert M.pi_score_ci(orig, trans) == pytest.approx((k[i] / 2, 100 * lo[i], 100 * hi[i]))
+
+
+def test_exact_coverage_of_clopper_pearson_and_why_not_wilson():
+    """Coverage summed over the binomial pmf (no simulation): Clopper-Pearson never drops below
+    95 % on a grid of rates at n = 200; Wilson does (92.0 % at 0.5 %), which is why the scores
+    use Clopper-Pearson."""
+    stats = pytest.importorskip("scipy.stats")
+    n = 200
+    k = np.arange(n + 1)
+
+    def coverage(p, method):
+        lo, hi = M.binomial_ci(k, n, method=method)
+        return stats.binom.pmf(k, n, p)[(lo <= p) & (p <= hi)].sum()
+
+    grid = np.r_[np.linspace(0.001, 0.05, 50), np.linspace(0.06, 0.5, 23)]
+    assert min(coverage(p, "clopper-pearson") for p in grid) >= 0.95
+    assert coverage(0.005, "wilson") == pytest.approx(0.920, abs=5e-4)
+    assert coverage(0.005, "clopper-pearson") == pytest.approx(0.981, abs=5e-4)
+
+
+def test_pi_score_ci_is_deterministic_and_shrinks_with_n():
+    small = M.pi_score_ci(*_pairs(200, 0.07, 0))
+    big = M.pi_score_ci(*_pairs(10_000, 0.07, 1))
     for point, lo, hi in (small, big):
         assert lo <= point <= hi and lo < hi
     assert (big[2] - big[1]) < 0.3 * (small[2] - small[1])
     # large N: close to the normal approximation 2 * 1.96 * sqrt(p (1 - p) / N)
     p = big[0] / 100
-    assert big[2] - big[1] == pytest.approx(200 * 1.96 * math.sqrt(p * (1 - p) / 10_000), rel=0.15)
+    assert big[2] - big[1] == pytest.approx(200 * 1.96 * math.sqrt(p * (1 - p) / 10_000), rel=0.05)
+    assert M.pi_score_ci(*_pairs(200, 0.07, 0)) == small
+    wilson = M.pi_score_ci(*_pairs(200, 0.07, 0), method="wilson")
+    assert wilson[0] == small[0] and wilson[2] - wilson[1] < small[2] - small[1]
 
 
-def test_bootstrap_vectorized_equals_loop_and_is_deterministic():
-    orig, trans = _pairs(500, 0.1, 3)
-    vec = M.pi_score_ci(orig, trans, n_boot=300, seed=7)
-    loop = M.bootstrap_ci(M.pi_score, orig, trans, n_boot=300, seed=7)
-    assert vec == pytest.approx(loop)
-    assert M.pi_score_ci(orig, trans, n_boot=300, seed=7) == vec
-    assert M.pi_score_ci(orig, trans, n_boot=300, seed=8) != vec
-    # chunked index drawing gives the same resamples whatever the chunk size
-    small_chunks = M.bootstrap_ci(M.pi_score, orig, trans, n_boot=300, seed=7, max_chunk_elems=700)
-    assert small_chunks == pytest.approx(loop)
+def test_ols_score_ci_is_over_the_non_empty_maps():
+    v = np.r_[np.full(30, 0.1), np.full(70, 0.9), np.full(40, np.nan)]  # 30 of 100 out, 40 empty
+    point, lo, hi = M.ols_score_ci(v)
+    assert point == pytest.approx(M.ols_score(v)) == pytest.approx(30.0)
+    assert (lo, hi) == pytest.approx(tuple(100 * x for x in M.binomial_ci(30, 100)))
+    assert M.ols_counts(v)["n_empty"] == 40
+    # "out": the 40 empty maps count as out of the lungs, over all 140
+    p_out, lo_out, hi_out = M.ols_score_ci(v, empty="out")
+    assert p_out == pytest.approx(100 * 70 / 140)
+    assert (lo_out, hi_out) == pytest.approx(tuple(100 * x for x in M.binomial_ci(70, 140)))
+    assert all(math.isnan(x) for x in M.ols_score_ci(np.full(5, np.nan)))
 
 
-def test_bootstrap_is_fast_for_10k_pairs():
-    orig, trans = _pairs(10_000, 0.05, 4)
+# ------------------------------------------------------------------------------------ DeLong
+def _brute_delong(y, scores):
+    """DeLong's covariance from the O(m n) kernel matrices: psi = 1[x > y] + 1/2 1[x = y]."""
+    y = np.asarray(y, bool)
+    v10, v01, aucs = [], [], []
+    for s in scores:
+        psi = ((s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :]))
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+        aucs.append(psi.mean())
+    m, n = int(y.sum()), int((~y).sum())
+    return np.array(aucs), np.atleast_2d(np.cov(np.array(v10))) / m + np.atleast_2d(np.cov(np.array(v01))) / n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_delong_matches_brute_force_mann_whitney_variance(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 60)
+    s1 = np.round(rng.random(60) * 0.6 + 0.3 * y, 1)   # many ties
+    s2 = rng.random(60) + 0.1 * y
+    auc, var = M.roc_auc_variance(y, s1)
+    want_auc, want_cov = _brute_delong(y, [s1, s2])
+    assert auc == pytest.approx(want_auc[0], abs=1e-12) == pytest.approx(M.roc_auc(y, s1))
+    assert var == pytest.approx(want_cov[0, 0], rel=1e-10)
+    point, lo, hi = M.roc_auc_ci(y, s1)
+    half = 1.959963984540054 * math.sqrt(want_cov[0, 0])
+    assert (lo, hi) == pytest.approx((max(0, point - half), min(1, point + half)), rel=1e-9)
+    r = M.roc_auc_compare(y, s1, s2)
+    d = want_auc[0] - want_auc[1]
+    sd = math.sqrt(want_cov[0, 0] + want_cov[1, 1] - 2 * want_cov[0, 1])
+    assert r["diff"] == pytest.approx(d, abs=1e-12) and r["z"] == pytest.approx(d / sd, rel=1e-9)
+    assert r["p_value"] == pytest.approx(math.erfc(abs(d / sd) / math.sqrt(2)), rel=1e-9)
+    assert r["lo"] == pytest.approx(d - 1.959963984540054 * sd, rel=1e-9)
+
+
+def test_delong_special_cases_and_speed():
+    y = np.array([0, 0, 0, 1, 1])
+    # perfect separation: variance 0, the interval degenerates to the point (documented)
+    assert M.roc_auc_ci(y, [0.1, 0.2, 0.3, 0.8, 0.9]) == (1.0, 1.0, 1.0)
+    assert all(math.isnan(v) for v in M.roc_auc_ci([1, 1], [0.2, 0.3]))
+    auc, lo, hi = M.roc_auc_ci([1, 0, 0], [0.5, 0.4, 0.6])  # one positive: no variance estimate
+    assert auc == 0.5 and math.isnan(lo) and math.isnan(hi)
+    same = M.roc_auc_compare(y, [0.1, 0.7, 0.3, 0.8, 0.9], [0.1, 0.7, 0.3, 0.8, 0.9])
+    assert same["diff"] == 0.0 and math.isnan(same["p_value"])
+    rng = np.random.default_rng(3)
+    yy = rng.integers(0, 2, 200_000)
+    ss = rng.random(200_000) + 0.2 * yy
     t0 = time.perf_counter()
-    M.pi_score_ci(orig, trans, n_boot=2000)
-    assert time.perf_counter() - t0 < 10.0
-
-
-def test_bootstrap_resamples_pairs_jointly():
-    # a statistic that is exactly 0 only if the two arrays stay aligned
-    x = np.arange(50.0)
-    _, lo, hi = M.bootstrap_ci(lambda a, b: np.abs(a - b).sum(), x, x.copy(), n_boot=50)
-    assert lo == hi == 0.0
-    with pytest.raises(ValueError, match="same length"):
-        M.bootstrap_ci(np.mean, x, x[:10])
-
-
-def test_ols_score_ci():
-    rng = np.random.default_rng(5)
-    v = rng.random(400)
-    v[:40] = np.nan
-    point, lo, hi = M.ols_score_ci(v, n_boot=500)
-    assert point == pytest.approx(M.ols_score(v))
-    assert lo <= point <= hi
-    p_out, lo_out, hi_out = M.ols_score_ci(v, empty="out", n_boot=500)
-    assert p_out == pytest.approx(M.ols_score(v, empty="out")) and lo_out <= p_out <= hi_out
+    auc, lo, hi = M.roc_auc_ci(yy, ss)
+    assert time.perf_counter() - t0 < 5.0
+    assert lo < auc < hi and hi - lo < 0.01
 
 
 # ------------------------------------------------------------------------------------- McNemar
-def test_mcnemar_exact_known_value():
-    r = M.mcnemar_from_counts(10, 2)
-    assert r["method"] == "exact"
-    # 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
-    assert r["p_value"] == pytest.approx(158 / 4096, rel=1e-12)
-    assert M.mcnemar_from_counts(0, 0)["p_value"] == 1.0
+def test_mcnemar_exact_hand_values():
+    # b=1, c=9: 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024
+    r = M.mcnemar_from_counts(1, 9)
+    assert r == {"b": 1, "c": 9, "statistic": 1.0, "p_value": 22 / 1024, "method": "exact"}
+    # b=c=5: 2 * P(X <= 5) = 2 * 638 / 1024 = 1.246 -> 1 (statsmodels, R binom.test agree)
+    assert sum(math.comb(10, i) for i in range(6)) == 638
     assert M.mcnemar_from_counts(5, 5)["p_value"] == 1.0
+    assert M.mcnemar_from_counts(0, 0)["p_value"] == 1.0
+    # 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096
+    assert M.mcnemar_from_counts(10, 2)["p_value"] == pytest.approx(158 / 4096, rel=1e-12)
+    assert M.mcnemar_from_counts(0, 6)["p_value"] == pytest.approx(2 / 64)   # smallest < 0.05
+    assert M.mcnemar_from_counts(0, 5)["p_value"] == pytest.approx(2 / 32)
 
 
-def test_mcnemar_chi_square_hand_computation():
-    r = M.mcnemar_from_counts(40, 20)
+def test_mcnemar_is_exact_at_any_count_and_fast():
+    # exact by default at large counts too; against exact rational arithmetic
+    r = M.mcnemar_from_counts(400, 600)
+    assert r["method"] == "exact"
+    want = 2 * sum(math.comb(1000, i) for i in range(401)) / 2 ** 1000
+    assert r["p_value"] == pytest.approx(want, rel=1e-9)
+    t0 = time.perf_counter()
+    for b in range(9_900, 10_000):
+        big = M.mcnemar_from_counts(b, 20_000 - b)
+    assert time.perf_counter() - t0 < 1.0    # 100 tests at 20,000 discordant pairs
+    assert big["p_value"] == pytest.approx(math.erfc((10_001 - 9_999 - 1) / math.sqrt(2 * 20_000)), rel=0.02)
+
+
+def test_mcnemar_chi_square_follows_r():
+    r = M.mcnemar_from_counts(40, 20, exact=False)
     assert r["method"] == "chi2"
     assert r["statistic"] == pytest.approx(19 ** 2 / 60)
     assert r["p_value"] == pytest.approx(0.014171, abs=2e-6)  # chi2(1) tail at 6.0167
-    stats = pytest.importorskip("scipy.stats")
-    assert r["p_value"] == pytest.approx(stats.chi2.sf(19 ** 2 / 60, 1), rel=1e-10)
-    assert M.mcnemar_from_counts(30, 30)["p_value"] == 1.0
-    assert M.mcnemar_from_counts(13, 12)["method"] == "chi2"      # b + c = 25
-    assert M.mcnemar_from_counts(12, 12)["method"] == "exact"     # b + c = 24
+    # b = c: R's mcnemar.test drops the correction (statistic 0, p = 1)
+    assert M.mcnemar_from_counts(30, 30, exact=False)["statistic"] == 0.0
+    assert M.mcnemar_from_counts(30, 30, exact=False)["p_value"] == 1.0
+    assert M.mcnemar_from_counts(13, 12, exact=False)["statistic"] == 0.0
 
 
-def test_mcnemar_exact_matches_scipy_binomial():
-    stats = pytest.importorskip("scipy.stats")
-    for b, c in [(1, 7), (3, 0), (9, 14), (100, 80)]:
-        want = min(1.0, 2 * stats.binom.cdf(min(b, c), b + c, 0.5))
-        assert M.mcnemar_from_counts(b, c, exact=True)["p_value"] == pytest.approx(want, rel=1e-9)
+def test_mcnemar_matches_statsmodels():
+    ct = pytest.importorskip("statsmodels.stats.contingency_tables")
+    for b, c in [(1, 9), (5, 5), (0, 3), (9, 14), (100, 80), (2_000, 2_150)]:
+        want = ct.mcnemar([[7, b], [c, 11]], exact=True)
+        got = M.mcnemar_from_counts(b, c)
+        assert got["p_value"] == pytest.approx(want.pvalue, rel=1e-9)
+        assert got["statistic"] == want.statistic
+        if b != c:  # statsmodels keeps the continuity correction at b = c, R does not
+            want = ct.mcnemar([[7, b], [c, 11]], exact=False, correction=True)
+            assert M.mcnemar_from_counts(b, c, exact=False)["p_value"] == pytest.approx(want.pvalue, rel=1e-9)
 
 
 def test_mcnemar_from_arrays_and_labels():
@@ -301,6 +434,56 @@ def test_mcnemar_from_arrays_and_labels():
     assert M.mcnemar(pred_orig, pred_trans, labels=labels) == r
     with pytest.raises(ValueError, match="first"):
         M.mcnemar([0.3, 1], [0, 1])
+    with pytest.raises(ValueError, match="non-negative integers"):
+        M.mcnemar_from_counts(-1, 2)
+
+
+# ------------------------------------------------------------------ paired differences
+def test_newcombe_paired_interval_reference_value():
+    # Fagerland, Lydersen & Laake, "Statistical analysis of contingency tables" (ch. 8; R package
+    # contingencytables): Cavo et al. 2012, table [[59, 6], [16, 80]] ->
+    # estimate -0.0621 (95 % CI -0.1186 to -0.0046)
+    d, lo, hi = M.paired_difference_ci(59, 6, 16, 80)
+    assert d == pytest.approx(-10 / 161)
+    assert (round(lo, 4), round(hi, 4)) == (-0.1186, -0.0046)
+
+
+def test_newcombe_paired_interval_edges_and_coverage():
+    d, lo, hi = M.paired_difference_ci(3, 0, 0, 197)       # no discordant pair
+    assert d == 0.0 and lo == pytest.approx(-hi) and 0.01 < hi < 0.025
+    d, lo, hi = M.paired_difference_ci(0, 50, 0, 0)        # every pair discordant one way
+    assert d == 1.0 and 0.85 < lo < hi == 1.0
+    assert all(math.isnan(v) for v in M.paired_difference_ci(0, 0, 0, 0))
+    with pytest.raises(ValueError, match="cells"):
+        M.paired_difference_ci(1, -1, 0, 0)
+    # seeded simulation: 200 pairs, 1 % flip under model A only, 0.5 % under B only
+    rng = np.random.default_rng(4)
+    probs = [0.005, 0.01, 0.005, 0.98]
+    hits = [lo <= 0.005 <= hi for _, lo, hi in
+            (M.paired_difference_ci(*x) for x in rng.multinomial(200, probs, size=1500))]
+    assert np.mean(hits) >= 0.93
+
+
+def test_paired_comparison_and_ols_pairs():
+    a = np.r_[np.ones(5), np.ones(3), np.zeros(1), np.zeros(91)].astype(bool)
+    b = np.r_[np.ones(5), np.zeros(3), np.ones(1), np.zeros(91)].astype(bool)
+    r = M.paired_comparison(a, b)
+    assert (r["n"], r["n11"], r["n10"], r["n01"], r["n00"]) == (100, 5, 3, 1, 91)
+    assert (r["rate_first"], r["rate_second"]) == pytest.approx((8.0, 6.0))
+    assert r["diff"] == pytest.approx(2.0) and r["lo"] < 2.0 < r["hi"]
+    assert (r["lo"], r["hi"]) == pytest.approx(tuple(100 * x for x in M.paired_difference_ci(5, 3, 1, 91)[1:]))
+    assert r["p_value"] == M.mcnemar_from_counts(3, 1)["p_value"] == pytest.approx(10 / 16)
+    # OLS: pairs with an empty map on either side are left out and counted
+    io = np.array([0.1, 0.2, 0.9, np.nan, 0.5, 0.3])
+    it = np.array([0.5, 0.1, 0.9, 0.2, np.nan, 0.6])
+    o = M.ols_paired_comparison(io, it, eta=0.4)
+    assert (o["n_total"], o["n_excluded"], o["n"]) == (6, 2, 4)
+    assert (o["n11"], o["n10"], o["n01"], o["n00"]) == (1, 2, 0, 1)
+    assert o["diff"] == pytest.approx(50.0)
+    none = M.ols_paired_comparison([np.nan, 0.5], [0.2, np.nan])
+    assert none["n"] == 0 and math.isnan(none["p_value"])
+    with pytest.raises(ValueError, match="iol_second"):
+        M.ols_paired_comparison([0.5], [1.5])
 
 
 # ------------------------------------------------------------------------------------ detection

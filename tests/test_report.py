@@ -44,10 +44,23 @@ def test_model_summary_known_answers():
     assert s["errors"] == {"empty lung mask": 1, "unreadable": 1}
     assert s["pi"]["score"] == pytest.approx(30.0) == metrics.pi_score(po, pt)
     assert (s["pi"]["n_flips"], s["pi"]["pos_to_neg"], s["pi"]["neg_to_pos"]) == (3, 2, 1)
-    assert s["pi"]["lo"] <= 30.0 <= s["pi"]["hi"]
+    # PI interval: Clopper-Pearson over the 10 scored pairs (3 flips)
+    lo, hi = metrics.binomial_ci(3, 10)
+    assert (s["pi"]["lo"], s["pi"]["hi"]) == pytest.approx((100 * lo, 100 * hi))
+    assert s["pi"]["n"] == 10
+    assert s["error_rate"]["score"] == pytest.approx(100 * 2 / 12)
+    assert (s["error_rate"]["lo"], s["error_rate"]["hi"]) == pytest.approx(
+        tuple(100 * x for x in metrics.binomial_ci(2, 12)))
     o = s["ols"]["original"]
     assert (o["n_used"], o["n_empty"], o["n_out"]) == (9, 1, 3)
     assert o["score"] == pytest.approx(100 * 3 / 9)
+    # OLS interval over the 9 non-empty maps only
+    assert (o["lo"], o["hi"]) == pytest.approx(tuple(100 * x for x in metrics.binomial_ci(3, 9)))
+    # original vs transmitted, paired over the 9 pairs with both maps non-empty: pair 3 is out
+    # of the lungs on the transmitted image only (IOL 0.5 -> 0.35)
+    p = s["ols_orig_vs_trans"]
+    assert (p["n"], p["n_excluded"], p["n11"], p["n10"], p["n01"], p["n00"]) == (9, 1, 3, 0, 1, 5)
+    assert p["diff"] == pytest.approx(-100 / 9) and p["p_value"] == 1.0
     t = s["ols"]["transmitted"]
     assert (t["n_used"], t["n_empty"], t["n_out"]) == (10, 0, 4) and t["score"] == pytest.approx(40.0)
     c = s["classification"]
@@ -55,6 +68,69 @@ def test_model_summary_known_answers():
     assert c["transmitted"]["roc_auc"] == pytest.approx(metrics.roc_auc(labels, pt))
     # correctness: pairs 0, 1 (label 1) and 2 (label 0) are right on the original only
     assert (s["mcnemar_correct"]["b"], s["mcnemar_correct"]["c"]) == (3, 0)
+    assert s["mcnemar_correct"]["p_value"] == pytest.approx(2 / 8)   # exact: 2 * 0.5^3
+    acc = s["accuracy_orig_vs_trans"]
+    assert (acc["n10"], acc["n01"]) == (3, 0) and acc["diff"] == pytest.approx(30.0)
+    assert acc["p_value"] == s["mcnemar_correct"]["p_value"]
+    auc = s["roc_auc_orig_vs_trans"]
+    assert auc["diff"] == pytest.approx(metrics.roc_auc(labels, po) - metrics.roc_auc(labels, pt))
+    assert c["original"]["ci"]["accuracy"] == pytest.approx(list(metrics.binomial_ci(9, 10)))
+
+
+def _two_models():
+    """Model "m" as in :func:`_rows`; model "other" also flips pair 3 and pair 4 (pair 4 out of
+    the lungs on its original) and scores pair 5 with an error."""
+    rows, *_ = _rows()
+    other, *_ = _rows(model="other")
+    other["prob_trans"][3] = 0.1          # 0.7 -> 0.1: a fourth flip
+    other["prob_trans"][4] = 0.2          # 0.6 -> 0.2: a fifth flip
+    other["iol_orig"][4] = 0.1            # out of the lungs on the original
+    other["error"][5] = "unreadable: y.png: truncated"
+    return {c: np.concatenate([rows[c], other[c]]) for c in ROW_COLUMNS}
+
+
+def test_model_comparisons_are_paired_by_pair_id():
+    both = _two_models()
+    summary = report.summarize(both, ["m", "other"])
+    (cmp,) = summary["comparisons"]
+    assert cmp["models"] == ["m", "other"] and cmp["n_pairs"] == 9   # pair 5 unscored by "other"
+    pi = cmp["pi"]
+    # pairs 0, 1, 2 flip under both, 3 and 4 under "other" only
+    assert (pi["n"], pi["n11"], pi["n10"], pi["n01"], pi["n00"]) == (9, 3, 0, 2, 4)
+    assert pi["diff"] == pytest.approx(-200 / 9)
+    assert pi["p_value"] == pytest.approx(0.5)                       # 2 * 0.5^2
+    assert (pi["lo"], pi["hi"]) == pytest.approx(
+        tuple(100 * x for x in metrics.paired_difference_ci(3, 0, 2, 4)[1:]))
+    o = cmp["ols"]["original"]
+    # pair 8 has an empty map (both models): excluded; pair 4 out under "other" only
+    assert (o["n"], o["n_excluded"], o["n10"], o["n01"]) == (8, 1, 0, 1)
+    assert cmp["ols"]["transmitted"]["n_excluded"] == 0
+    assert set(cmp["roc_auc"]) == {"original", "transmitted"}
+    assert cmp["roc_auc"]["original"]["diff"] == 0.0      # same original probabilities
+    # rows stored in a different order give the same comparison
+    order = np.random.default_rng(0).permutation(len(both["pair_id"]))
+    shuffled = report.summarize({k: v[order] for k, v in both.items()}, ["m", "other"])
+    assert shuffled["comparisons"][0]["pi"] == pi
+    # strict JSON all through (NaN -> null)
+    text = json.dumps(report.jsonable(summary), allow_nan=False)
+    assert '"comparisons"' in text and '"intervals"' in text
+
+
+def test_summary_rejects_duplicate_rows_of_a_pair():
+    rows, *_ = _rows()
+    dup = {k: np.concatenate([v, v[:1]]) for k, v in rows.items()}
+    with pytest.raises(ValueError, match="'m'.*'p0'"):
+        report.summarize(dup, ["m"])
+
+
+def test_summary_accepts_the_old_bootstrap_arguments():
+    rows, *_ = _rows()
+    a = report.summarize(rows, ["m"], n_boot=50, seed=3)
+    b = report.summarize(rows, ["m"])
+    assert json.dumps(report.jsonable(a)) == json.dumps(report.jsonable(b))
+    assert "Clopper-Pearson" in a["ci"] and "DeLong" in a["intervals"]["roc_auc"]
+    w = report.summarize(rows, ["m"], method="wilson")["models"]["m"]["pi"]
+    assert (w["lo"], w["hi"]) == pytest.approx(tuple(100 * x for x in metrics.binomial_ci(3, 10, method="wilson")))
 
 
 def test_summary_without_scored_rows_or_labels():
@@ -92,6 +168,8 @@ def test_write_report_tables_plots_and_gallery(tmp_path):
     assert "| m | 10 | 30.00 [" in text
     assert "33.33 [" in text and "40.00 [" in text  # OLS original / transmitted of model m
     assert "unreadable: 1" in text and "other, flipped: no pairs" in text
+    assert "## Model comparisons" in text and "| m − other | PI | 10 | 30.00 | 30.00 | 0.00 [" in text
+    assert "Clopper-Pearson" in text and "Newcombe" in text and "DeLong" in text
     for png in ("pi.png", "ols.png", "iol_hist.png", "gallery_m_flipped.png", "gallery_m_random.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert not (tmp_path / "gallery_other_flipped.png").exists()
