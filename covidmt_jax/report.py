@@ -480,7 +480,8 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
     for m in models:
         c = summary["models"][m].get("classification")
         if not c:
-            body.append([m, "(no labels)", "–", "–", "–", "–", "–"])
+            why = "(no labels)" if summary["models"][m].get("n_scored") else "(no scored rows)"
+            body.append([m, why, "–", "–", "–", "–", "–"])
             continue
         mc = summary["models"][m]["mcnemar_correct"]
         for side in ("original", "transmitted"):
