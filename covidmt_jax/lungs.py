@@ -1,12 +1,20 @@
-"""The shipped lung segmenter: a U-Net trained on real lung masks, ready for OLS scoring.
+"""The shipped lung segmenters: U-Nets trained on real lung masks, ready for OLS scoring.
 
-``lung_segmenter()`` loads the weights stored inside the package
-(``covidmt_jax/assets/lung_unet``: ``model.json`` + ``params.safetensors``, no pickle); see
-the README's model card for the data, licences and validation Dice. ``lung_masks(images)``
-takes PIL images or arrays of any size and aspect (8/16-bit integers, floats in [0, 1],
-grey or RGB), resizes each to the network's square input (aspect NOT kept, as in the
-training data, whose images were squashed to 512 x 512), predicts, and maps the probability
-map back to that image's own pixel size.
+Two conventions, chosen by name with :func:`lung_segmenter`:
+
+* ``"fields"`` (the default): visible lung fields, heart and mediastinum excluded (the
+  Montgomery / Shenzhen / COVID-QU-Ex convention);
+* ``"anatomical"``: both lungs including the retrocardiac lung down to the posterior
+  recesses (the V7 Labs convention).
+
+Each is an exported single-output U-Net in ``covidmt_jax/assets/`` (:data:`SEGMENTERS`;
+``model.json`` + ``params.safetensors``, no
+pickle); see the README's model cards for data, licences and validation Dice.
+``lung_masks(images)`` takes PIL images, paths, encoded bytes or arrays of any size and
+aspect (8/16-bit integers, floats in [0, 1], grey or RGB), resizes each to the network's
+square input by the model's resize policy (``metadata.resize``: ``"squash"`` = stretch, as
+in the square training sets, the default; ``"letterbox"`` = long side to the input size,
+black padding), predicts, and maps the probability map back to that image's own pixel size.
 """
 from __future__ import annotations
 
@@ -25,9 +33,14 @@ from covidmt_jax.data.images import load_grey
 from covidmt_jax.export import load_model, read_spec
 from covidmt_jax.normalisation import normalise
 
-__all__ = ["SHIPPED_DIR", "LungSegmenter", "load_lung_segmenter", "lung_segmenter"]
+__all__ = ["SHIPPED_DIR", "SEGMENTERS", "RESIZE_POLICIES", "LungSegmenter", "load_lung_segmenter",
+           "lung_segmenter", "letterbox_geometry", "resize_to_input", "resize_from_input"]
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "lung_unet"
+_ASSETS = Path(__file__).resolve().parent / "assets"
+#: The shipped segmenters by convention name (the first is the default).
+SEGMENTERS = {"fields": _ASSETS / "lung_unet", "anatomical": _ASSETS / "lung_unet_anatomical"}
+SHIPPED_DIR = SEGMENTERS["fields"]
+RESIZE_POLICIES = ("squash", "letterbox")
 
 
 def _to_grey01(image: Any, index: int) -> np.ndarray:
@@ -74,14 +87,60 @@ def _resize(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
         (hw[1], hw[0]), Image.BILINEAR), np.float32)
 
 
+def letterbox_geometry(hw: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """``(new_h, new_w, top, left)``: an ``[H, W]`` film scaled so its long side is ``size``,
+    placed in the centre of a ``size x size`` square."""
+    h, w = hw
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+def resize_to_input(x: np.ndarray, size: int, policy: str = "squash", *, nearest: bool = False) -> np.ndarray:
+    """``[H, W]`` (float, or uint8 kept uint8) -> ``[size, size]`` by ``policy``: ``"squash"``
+    stretches, ``"letterbox"`` keeps the aspect ratio and pads with 0 (black).
+    Bilinear, or nearest neighbour for masks."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"resize_to_input expects [H, W], got {arr.shape}")
+    keep8 = arr.dtype == np.uint8
+    im = Image.fromarray(arr if keep8 else arr.astype(np.float32))
+    res = Image.NEAREST if nearest else Image.BILINEAR
+    if policy == "squash":
+        return np.asarray(im.resize((size, size), res) if im.size != (size, size) else im)
+    nh, nw, top, left = letterbox_geometry(arr.shape, size)
+    out = np.zeros((size, size), np.uint8 if keep8 else np.float32)
+    out[top:top + nh, left:left + nw] = np.asarray(im.resize((nw, nh), res))
+    return out
+
+
+def resize_from_input(p: np.ndarray, hw: tuple[int, int], policy: str = "squash") -> np.ndarray:
+    """Inverse of :func:`resize_to_input` for a ``[S, S]`` map: -> float32 ``[H, W]`` (bilinear)."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    if policy == "letterbox":
+        nh, nw, top, left = letterbox_geometry(hw, p.shape[0])
+        p = p[top:top + nh, left:left + nw]
+    return _resize(np.asarray(p, np.float32), hw)
+
+
 class LungSegmenter:
     """A U-Net plus its input handling. ``model`` is the NNX U-Net (for fused jitted steps:
     feed it normalised ``[B, S, S, 1]`` images and apply a sigmoid)."""
 
     def __init__(self, model: nnx.Module, input_size: int, metadata: dict | None = None):
+        if int(getattr(model, "num_classes", 1) or 1) != 1:
+            raise ValueError(f"a LungSegmenter needs a single-output U-Net, got {model.num_classes} outputs "
+                             "(export one convention's head: covidmt_jax.lung_training.export_convention)")
         self.model = model
         self.input_size = int(input_size)
         self.metadata = metadata or {}
+        self.resize = self.metadata.get("resize", "squash")
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"metadata.resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        self.convention = self.metadata.get("convention", "")
         graphdef, state = nnx.split(model)
         self._graphdef, self._state = graphdef, state
 
@@ -105,16 +164,18 @@ class LungSegmenter:
         out: list[np.ndarray] = []
         for start in range(0, len(greys), batch_size):
             chunk = greys[start:start + batch_size]
-            x = np.stack([normalise(_resize(g, (s, s))) for g in chunk])[..., None]
+            x = np.stack([normalise(resize_to_input(g, s, self.resize)) for g in chunk])[..., None]
             n = len(chunk)
             if n < batch_size:  # static batch shape: one compilation
                 x = np.concatenate([x, np.zeros((batch_size - n, s, s, 1), np.float32)])
             probs = np.asarray(self.predict_normalised(jnp.asarray(x)))[:n]
-            out.extend(np.clip(_resize(p, g.shape), 0.0, 1.0) for p, g in zip(probs, chunk))
+            out.extend(np.clip(resize_from_input(p, g.shape, self.resize), 0.0, 1.0)
+                       for p, g in zip(probs, chunk))
         return out
 
     def __repr__(self) -> str:
-        return f"LungSegmenter(input_size={self.input_size}, {self.metadata.get('summary', '')})"
+        return (f"LungSegmenter({self.convention or 'custom'}, input_size={self.input_size}, "
+                f"resize={self.resize}, {self.metadata.get('summary', '')})")
 
 
 def load_lung_segmenter(directory: str | os.PathLike) -> LungSegmenter:
@@ -128,11 +189,19 @@ def load_lung_segmenter(directory: str | os.PathLike) -> LungSegmenter:
     return LungSegmenter(load_model(directory), int(size), spec.get("metadata"))
 
 
-def lung_segmenter(directory: str | os.PathLike | None = None) -> LungSegmenter:
-    """The shipped lung U-Net (or one exported to ``directory``)."""
-    directory = Path(directory) if directory else SHIPPED_DIR
+def lung_segmenter(name: str | os.PathLike | None = "fields") -> LungSegmenter:
+    """A shipped segmenter by convention name (``"fields"``, the default, or
+    ``"anatomical"``; see :data:`SEGMENTERS`), or one exported to a directory."""
+    if name is None or name == "":
+        name = "fields"
+    if isinstance(name, str) and name in SEGMENTERS:
+        directory = SEGMENTERS[name]
+    elif isinstance(name, str) and os.sep not in name and "/" not in name and not Path(name).exists():
+        raise ValueError(f"unknown lung segmenter {name!r}: use one of {sorted(SEGMENTERS)} or an export directory")
+    else:
+        directory = Path(name)
     if not (directory / "model.json").is_file():
         raise FileNotFoundError(
-            f"{directory}: no lung U-Net there. The package ships one in {SHIPPED_DIR}; if it is "
-            "missing, train it with configs/unet_lungs.py and pass WORKDIR/export/best")
+            f"{directory}: no lung U-Net there. The package ships {sorted(SEGMENTERS)} in {_ASSETS}; "
+            "train one with covidmt_jax.lung_training (or configs/unet_lungs.py) and pass its export folder")
     return load_lung_segmenter(directory)

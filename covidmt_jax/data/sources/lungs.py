@@ -30,7 +30,7 @@ from covidmt_jax.data.records import DataError, Source
 from covidmt_jax.data.sources import register_source
 from covidmt_jax.data.sources.folder import walk_images
 
-__all__ = ["LungMaskSource", "LAYOUTS"]
+__all__ = ["LungMaskSource", "LungSetSource", "LAYOUTS", "CONVENTIONS", "SET_CONVENTION"]
 
 LAYOUTS = ("auto", "montgomery", "images_masks", "flat")
 _IMAGE_DIRS = ("images", "CXR_png", "imgs", "image", "img")
@@ -189,3 +189,86 @@ class LungMaskSource(Source):
                 union |= I.load_mask(p, threshold=self.threshold)
             rec["mask"] = I.encode_png(union)
         return rec
+
+
+# --------------------------------------------------------------------------------------------
+# the real lung sets with their convention, film type and split
+# --------------------------------------------------------------------------------------------
+#: Mask convention of each known set: "fields" = visible lung fields (heart and mediastinum
+#: excluded: Montgomery, Shenzhen, COVID-QU-Ex); "anatomical" = both lungs including the
+#: retrocardiac lung down to the posterior recesses (V7 Labs).
+CONVENTIONS = ("fields", "anatomical")
+SET_CONVENTION = {
+    "lungs_mc_sz_512": "fields",
+    "v7_covid_anatomical": "anatomical",
+    "quex_covid_fields": "fields",
+    "quex_pneumonia_normal_fields": "fields",
+}
+#: Lung fraction below which a COVID-QU-Ex pneumonia/normal film is counted as (probably)
+#: paediatric: its PROVENANCE reports that films with fraction < 0.15 are mostly children's
+#: whole-trunk films; the set does not record each film's origin, so this is a proxy.
+PAEDIATRIC_FRACTION = 0.15
+
+
+def _film_type(set_name: str, row: dict, meta: dict) -> str:
+    if set_name == "lungs_mc_sz_512":
+        return "tb" if meta.get("tb") == 1 else "normal"
+    finding = (row.get("finding") or row.get("class") or "").lower()
+    if "covid" in finding and "non-covid" not in finding:
+        return "covid"
+    if finding in ("non-covid", "pneumonia"):
+        return "pneumonia"
+    if finding in ("normal", "no finding"):
+        return "normal"
+    raise DataError(set_name, f"film {row.get('stem')!r}: unknown finding/class {finding!r}")
+
+
+@register_source("lung_set")
+class LungSetSource(LungMaskSource):
+    """One of the real lung-mask sets (``lungs_mc_sz_512`` or a ``lungs_diseased/`` folder),
+    with the patient-disjoint split of :mod:`covidmt_jax.data.splits`.
+
+    Args:
+      root: the set folder; its name selects the convention and split rule.
+      split: ``"train" | "val" | "test"`` keeps that split only; ``None`` keeps all.
+
+    Record meta, besides :class:`LungMaskSource`'s: ``source`` (folder name),
+    ``convention`` ("fields" | "anatomical"), ``film_type`` ("covid" | "pneumonia" |
+    "normal" | "tb"), ``view`` ("PA" | "AP" | "AP Supine" | ""), ``portable`` (AP or AP
+    supine by the ieee8023 metadata), ``paediatric`` (QU-Ex pneumonia/normal films with lung
+    fraction < :data:`PAEDIATRIC_FRACTION`; a proxy, see there), ``patient_id`` (the split
+    group) and ``split``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, split: str | None = None, **kwargs):
+        from covidmt_jax.data import splits as S
+        set_name = S.source_of_folder(root)
+        if split is not None and split not in S.SPLITS:
+            raise ValueError(f"split must be one of {S.SPLITS} or None, got {split!r}")
+        kwargs.setdefault("name", f"{set_name}[{split or 'all'}]")
+        super().__init__(root, layout="images_masks", **kwargs)
+        groups = S.read_groups(root)
+        film_split = S.folder_splits(root)
+        rows: dict[str, dict] = {}
+        if (self.root / "pairs.csv").is_file():
+            import csv
+            with open(self.root / "pairs.csv", newline="") as f:
+                rows = {r["stem"]: r for r in csv.DictReader(f)}
+        kept = []
+        for rec in self._records:
+            stem = rec["id"]
+            if stem not in groups:
+                raise DataError(self.root / "pairs.csv", f"no row for film {stem!r}")
+            row, meta = rows.get(stem, {"stem": stem}), rec["meta"]
+            view = row.get("view", "") or ""
+            frac = row.get("frac")
+            meta.update(source=set_name, convention=SET_CONVENTION[set_name],
+                        film_type=_film_type(set_name, row, meta), view=view,
+                        portable=view.upper().startswith("AP"),
+                        paediatric=bool(set_name == "quex_pneumonia_normal_fields" and frac
+                                        and float(frac) < PAEDIATRIC_FRACTION),
+                        patient_id=groups[stem], split=film_split[stem])
+            if split is None or film_split[stem] == split:
+                kept.append(rec)
+        self._records = kept
+        self._finish()

@@ -1,0 +1,45 @@
+"""Two-convention lung U-Net (visible fields + anatomical heads) on all real lung sets.
+
+    python -m covidmt_jax.lung_training --config configs/unet_lungs_conventions.py --workdir runs/lungs2
+
+Arguments (``--config FILE:k=v,...``): ``root`` (data root holding ``lungs_mc_sz_512`` and
+``lungs_diseased/``), ``image_size``, ``width``, ``resize`` (squash | letterbox | both: non-square films in both forms), ``steps``,
+``lr``, ``batch``, ``init`` (an exported U-Net to start from; ``none`` = random init).
+Defaults: fine-tune the shipped fields U-Net (width 8, 256 px) for 1,500 steps of batch 8;
+non-square films (the anatomical set) are trained squashed and letterboxed, and val Dice is
+measured both ways to choose the inference policy.
+"""
+from pathlib import Path
+
+import ml_collections
+
+from covidmt_jax.config_lib import parse_arg
+
+SHIPPED_FIELDS = str(Path(__file__).resolve().parents[1] / "covidmt_jax" / "assets" / "lung_unet")
+KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "seed"}
+
+
+def get_config(arg=None):
+    opts = parse_arg(arg)
+    unknown = set(opts) - KNOWN
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
+    c = ml_collections.ConfigDict()
+    c.data_root = opts.get("root", "../shared/data")
+    c.sets = ("lungs_mc_sz_512", "v7_covid_anatomical", "quex_covid_fields", "quex_pneumonia_normal_fields")
+    # draw probability of each set per sample: the 235 anatomical training films are a third
+    # of the samples, so the anatomical head trains as often as the fields head's main sets.
+    c.weights = {"lungs_mc_sz_512": 0.25, "v7_covid_anatomical": 0.3, "quex_covid_fields": 0.1,
+                 "quex_pneumonia_normal_fields": 0.35}
+    c.image_size = int(opts.get("image_size", 256))
+    c.width = int(opts.get("width", 8))
+    c.resize = opts.get("resize", "both")
+    c.steps = int(opts.get("steps", 1500))
+    c.lr = float(opts.get("lr", 1e-3))
+    c.batch_size = int(opts.get("batch", 8))
+    init = opts.get("init", SHIPPED_FIELDS)
+    c.init = "" if init == "none" else init
+    c.seed = int(opts.get("seed", 0))
+    c.eval_every = int(opts.get("eval_every", 250))
+    c.log_every = 25
+    return c

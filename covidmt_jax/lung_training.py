@@ -1,0 +1,316 @@
+r"""Train the two-convention lung U-Net: ``python -m covidmt_jax.lung_training --config configs/unet_lungs_conventions.py --workdir DIR``.
+
+One U-Net with one output channel (head) per mask convention: channel 0 = visible lung
+fields, channel 1 = anatomical lungs (:data:`covidmt_jax.data.sources.lungs.CONVENTIONS`).
+Each sample supervises only its own convention's channel (Dice + BCE on that channel; the
+other channel gets no gradient from it), as eq. 5 masks the tasks a sample has no label
+for. The generic trainer (``covidmt_jax.train``) has one target per segmentation task, so
+this loop is separate; it reuses the U-Net, the export format and the metrics.
+
+Steps:
+1. The real sets' train and val splits (:mod:`covidmt_jax.data.splits`) are decoded once
+   into memory at the network's size (uint8), each film resized by the config's policy:
+   ``squash`` (stretch to square, as Montgomery/Shenzhen/QU-Ex were) or ``letterbox``
+   (long side to the size, black padding).
+2. Batches draw sets with the config's weights (the anatomical set is small), then films
+   uniformly; :class:`covidmt_jax.data.lung_augment.LungAugment` per sample, in a
+   background thread.
+3. Init from an exported U-Net (default: the shipped fields model): all layers copied, its
+   single head copied into both channels.
+4. Adam with a cosine decay; every ``eval_every`` steps the val Dice per set (at the
+   network's size, masks resized with nearest neighbour) goes to ``metrics.jsonl``, and the
+   model with the best mean over sets is exported to ``WORKDIR/export/best``
+   (``model.json`` + ``params.safetensors``, metadata: ``outputs``, ``image_size``,
+   ``resize``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+
+from covidmt_jax.data.lung_augment import LungAugment
+from covidmt_jax.data.sources.lungs import CONVENTIONS, LungSetSource
+from covidmt_jax.lungs import RESIZE_POLICIES, resize_to_input
+from covidmt_jax.normalisation import normalise
+
+log = logging.getLogger("covidmt_jax.lung_training")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_split(folder: str | Path, split: str, size: int, policy: str) -> dict[str, Any]:
+    """Decode one set's split: ``{"images": uint8 [N, S, S], "masks": uint8 [N, S, S] (0/1),
+    "convention": int [N], "ids": [N], "meta": [N dicts]}``."""
+    from covidmt_jax.data.images import load_grey, load_mask, to_uint8
+    src = LungSetSource(folder, split=split)
+    images, masks, conv, ids, metas = [], [], [], [], []
+    for i in range(len(src)):
+        rec = src[i]
+        g = load_grey(rec["image"], name=rec["id"])
+        m = load_mask(rec["mask"], name=rec["id"]).astype(np.uint8)
+        images.append(resize_to_input(to_uint8(g), size, policy))
+        masks.append(resize_to_input(m, size, policy, nearest=True))
+        conv.append(CONVENTIONS.index(rec["meta"]["convention"]))
+        ids.append(rec["id"])
+        metas.append(dict(rec["meta"], image=rec["image"], mask=rec["mask"]))
+    return {"images": np.stack(images), "masks": np.stack(masks), "convention": np.asarray(conv, np.int32),
+            "ids": ids, "meta": metas}
+
+
+def merge_policies(loaded: list[dict]) -> dict:
+    """One training set from the same split loaded under several resize policies: the
+    first in full, from the others only the films whose input differs (non-square films)."""
+    out = dict(loaded[0])
+    for d in loaded[1:]:
+        diff = np.flatnonzero((d["images"] != loaded[0]["images"]).reshape(len(d["ids"]), -1).any(1))
+        out = {"images": np.concatenate([out["images"], d["images"][diff]]),
+               "masks": np.concatenate([out["masks"], d["masks"][diff]]),
+               "convention": np.concatenate([out["convention"], d["convention"][diff]]),
+               "ids": out["ids"] + [d["ids"][i] for i in diff], "meta": out["meta"] + [d["meta"][i] for i in diff]}
+    return out
+
+
+class BatchStream:
+    """Augmented training batches ``{"image": float32 [B, S, S, 1] normalised, "mask":
+    float32 [B, S, S], "convention": int32 [B]}`` from weighted sets, built by a thread."""
+
+    def __init__(self, sets: Mapping[str, dict], weights: Mapping[str, float], batch_size: int,
+                 augment: LungAugment, seed: int, prefetch: int = 4):
+        self.sets, self.names = sets, sorted(sets)
+        w = np.array([float(weights.get(n, 1.0)) for n in self.names])
+        self.p = w / w.sum()
+        self.batch_size, self.augment = batch_size, augment
+        self.rng = np.random.default_rng(seed)
+        self.q: queue.Queue = queue.Queue(prefetch)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _one(self) -> dict[str, np.ndarray]:
+        imgs, masks, convs = [], [], []
+        for _ in range(self.batch_size):
+            d = self.sets[self.names[self.rng.choice(len(self.names), p=self.p)]]
+            j = int(self.rng.integers(len(d["ids"])))
+            x, m = self.augment(d["images"][j].astype(np.float32) / 255.0, d["masks"][j], self.rng)
+            imgs.append(normalise(x)), masks.append(m.astype(np.float32)), convs.append(d["convention"][j])
+        return {"image": np.stack(imgs)[..., None], "mask": np.stack(masks),
+                "convention": np.asarray(convs, np.int32)}
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.q.put(self._one())
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self.q.get()
+
+    def close(self):
+        self._stop.set()
+
+
+# ----------------------------------------------------------------------------- model
+
+def init_from_export(model: nnx.Module, directory: str | Path) -> list[str]:
+    """Copy an exported single-output U-Net's weights into ``model`` (two outputs): every
+    tensor whose shape matches; the head's ``[1, 1, C, 1]`` kernel and ``[1]`` bias go to
+    every output channel. Returns the copied names; raises naming a tensor that cannot fit."""
+    from covidmt_jax.export import load_model
+    src = load_model(directory)
+    flat_src = dict(nnx.to_flat_state(nnx.state(src, nnx.Any(nnx.Param, nnx.BatchStat))))
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    flat = dict(nnx.to_flat_state(state))
+    copied = []
+    for path, var in flat.items():
+        if path not in flat_src:
+            raise ValueError(f"{directory}: no tensor {'/'.join(map(str, path))} (a different architecture)")
+        v = np.asarray(flat_src[path].get_value() if hasattr(flat_src[path], "get_value") else flat_src[path].value)
+        want = tuple(var.shape)
+        if v.shape != want:
+            if path[0] == "head" and v.shape[-1] == 1:
+                v = np.broadcast_to(v, want).copy()
+            else:
+                raise ValueError(f"{directory}: {'/'.join(map(str, path))} has shape {v.shape}, model {want}")
+        var.set_value(jnp.asarray(v, var.dtype)) if hasattr(var, "set_value") else setattr(var, "value", jnp.asarray(v))
+        copied.append("/".join(map(str, path)))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return copied
+
+
+def export_convention(directory: str | Path, out: str | Path, convention: str, **metadata) -> Path:
+    """Export one convention's head of a multi-head U-Net export as a single-output U-Net
+    (what :func:`covidmt_jax.lungs.load_lung_segmenter` loads): the head's kernel
+    ``[1, 1, C, K]`` and bias ``[K]`` are sliced to that convention's channel.
+    ``metadata`` entries override the source's (e.g. ``resize="letterbox"``)."""
+    from covidmt_jax import models
+    from covidmt_jax.export import load_model, read_spec, save_model
+    spec = read_spec(directory)
+    outputs = spec.get("metadata", {}).get("outputs")
+    if not outputs or convention not in outputs:
+        raise ValueError(f"{directory}/model.json: metadata.outputs {outputs} has no {convention!r}")
+    k = outputs.index(convention)
+    src = load_model(directory)
+    kwargs = dict(spec["model_kwargs"], num_classes=1)
+    dst = models.create("unet", rngs=nnx.Rngs(0), **kwargs)
+    flat = dict(nnx.to_flat_state(nnx.state(src, nnx.Any(nnx.Param, nnx.BatchStat))))
+    for path, var in flat.items():
+        if path[0] == "head":
+            v = var.get_value()
+            flat[path] = var.replace(v[..., k:k + 1])
+    nnx.update(dst, nnx.from_flat_state(flat))
+    meta = {key: v for key, v in spec.get("metadata", {}).items() if key != "outputs"}
+    meta.update(convention=convention, head_of=list(outputs), **metadata)
+    return save_model(out, dst, name="unet", model_kwargs=kwargs, metadata=meta)
+
+
+def masked_convention_loss(logits: jax.Array, mask: jax.Array, convention: jax.Array,
+                           bce_weight: float = 1.0) -> jax.Array:
+    """Dice + BCE of each sample on its own convention's channel only.
+
+    ``logits [B, H, W, K]``, ``mask [B, H, W]`` in {0, 1}, ``convention int [B]`` in
+    ``[0, K)``. Returns the batch-mean scalar loss.
+    """
+    from covidmt_jax.metrics import soft_dice_loss
+    own = jnp.take_along_axis(logits, convention[:, None, None, None], axis=-1)[..., 0]
+    bce = optax.sigmoid_binary_cross_entropy(own, mask).mean(axis=(1, 2))
+    return jnp.mean(soft_dice_loss(own, mask) + bce_weight * bce)
+
+
+def predict_sets(model: nnx.Module, data: dict, batch_size: int = 16) -> np.ndarray:
+    """Probabilities ``[N, S, S, K]`` of a loaded split (model in eval mode)."""
+    model.eval()
+    fn = nnx.jit(lambda m, x: jax.nn.sigmoid(m(x)))
+    out = []
+    x_all = data["images"]
+    for s in range(0, len(x_all), batch_size):
+        x = normalise(x_all[s:s + batch_size].astype(np.float32) / 255.0)[..., None]
+        n = len(x)
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)])
+        out.append(np.asarray(fn(model, jnp.asarray(x)))[:n])
+    return np.concatenate(out)
+
+
+def val_dice(model: nnx.Module, val_sets: Mapping[str, dict]) -> dict[str, float]:
+    """Mean hard Dice (0.5) of each val set on its own convention's channel, at the input size."""
+    from covidmt_jax.metrics import dice
+    out = {}
+    for name, d in val_sets.items():
+        probs = predict_sets(model, d)
+        own = np.take_along_axis(probs, d["convention"][:, None, None, None], axis=-1)[..., 0]
+        out[name] = float(np.mean(dice(own, d["masks"].astype(bool))))
+    return out
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train(cfg, workdir: str | Path) -> dict[str, Any]:
+    """Run one training; returns the best val Dice per set and the step."""
+    from covidmt_jax import models
+    from covidmt_jax.data.splits import set_folders
+    from covidmt_jax.export import save_model
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    folders = set_folders(cfg.data_root)
+    missing = [s for s in cfg.sets if s not in folders]
+    if missing:
+        raise FileNotFoundError(f"{cfg.data_root}: lung set(s) {missing} not found")
+    t0 = time.time()
+    policies = RESIZE_POLICIES if cfg.resize == "both" else (cfg.resize,)
+    train_sets, val_sets = {}, {}
+    for s in cfg.sets:
+        tr = [load_split(folders[s], "train", cfg.image_size, p) for p in policies]
+        train_sets[s] = merge_policies(tr)
+        for p in policies:
+            va = load_split(folders[s], "val", cfg.image_size, p)
+            if p == policies[0]:
+                val_sets[s] = va
+            elif (va["images"] != val_sets[s]["images"]).any():
+                val_sets[f"{s}@{p}"] = va  # scored, not in the model-selection mean
+    log.info("loaded %s train / %s val films in %.0f s", {k: len(v["ids"]) for k, v in train_sets.items()},
+             {k: len(v["ids"]) for k, v in val_sets.items()}, time.time() - t0)
+    kwargs = {"depth": 4, "base_width": int(cfg.width), "batch_norm": True, "num_classes": len(CONVENTIONS),
+              "in_channels": 1}
+    model = models.create("unet", rngs=nnx.Rngs(cfg.seed), **kwargs)
+    if cfg.init:
+        log.info("init from %s: %d tensors", cfg.init, len(init_from_export(model, cfg.init)))
+    schedule = optax.warmup_cosine_decay_schedule(cfg.lr * 0.1, cfg.lr, min(100, cfg.steps // 10), cfg.steps,
+                                                  cfg.lr * 0.02)
+    optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        def loss_fn(m):
+            return masked_convention_loss(m(batch["image"]), batch["mask"], batch["convention"])
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    stream = BatchStream(train_sets, dict(cfg.weights), cfg.batch_size, LungAugment(), cfg.seed)
+    metrics_path = workdir / "metrics.jsonl"
+    best, best_step, losses = -1.0, -1, []
+    meta = {"image_size": int(cfg.image_size), "outputs": list(CONVENTIONS), "resize": policies[0],
+            "trained_resize": cfg.resize,
+            "summary": f"U-Net width {cfg.width}, {len(CONVENTIONS)} convention heads",
+            "sets": list(cfg.sets), "init": str(cfg.init or "")}
+    t_start = time.time()
+    try:
+        for i in range(1, cfg.steps + 1):
+            model.train()
+            batch = {k: jnp.asarray(v) for k, v in next(stream).items()}
+            losses.append(float(step(model, optimizer, batch)))
+            if i % cfg.log_every == 0:
+                log.info("step %d loss %.4f (%.2f s/step)", i, np.mean(losses[-cfg.log_every:]),
+                         (time.time() - t_start) / i)
+            if i % cfg.eval_every == 0 or i == cfg.steps:
+                d = val_dice(model, val_sets)
+                score = float(np.mean([v for k, v in d.items() if "@" not in k]))
+                rec = {"step": i, "loss": float(np.mean(losses[-cfg.eval_every:])), "val_dice": d,
+                       "mean": score, "elapsed_s": round(time.time() - t_start, 1)}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                log.info("eval %s", rec)
+                if score > best:
+                    best, best_step = score, i
+                    save_model(workdir / "export" / "best", model, name="unet", model_kwargs=kwargs,
+                               metadata=dict(meta, step=i, val_dice=d, train_s=round(time.time() - t_start)))
+    finally:
+        stream.close()
+    return {"best_mean_dice": best, "best_step": best_step, "train_s": time.time() - t_start}
+
+
+def load_config(spec: str):
+    """``path/to/config.py[:k=v,...]`` -> the ConfigDict its ``get_config(arg)`` returns."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="configs/unet_lungs_conventions.py[:k=v,...]")
+    p.add_argument("--workdir", required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = load_config(a.config)
+    print(json.dumps(train(cfg, a.workdir)))
+
+
+if __name__ == "__main__":
+    main()
