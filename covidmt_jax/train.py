@@ -50,21 +50,38 @@ class NonFiniteLossError(FloatingPointError):
 
 # ----------------------------------------------------------------------------- building blocks
 
-def build_sources(split_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``{dataset: Source}`` from ``data.train`` / ``data.val`` entries (see config_lib)."""
+def build_sources(split_cfg: Mapping[str, Any], split: str = "train", on_error: str = "raise") -> dict[str, Any]:
+    """``{dataset: Source}`` from ``data.train`` / ``data.val`` entries (see config_lib).
+
+    ``split`` ("train" / "val") names the config section in errors; ``on_error`` (the
+    config's ``data.on_error``) is passed to every source that takes one, unless its entry's
+    kwargs set it. An entry without records is a ConfigError naming the split, the dataset,
+    the source, the hold-out and what its source skipped.
+    """
+    import inspect
+
     from covidmt_jax.data.records import SourceView, holdout_split
-    from covidmt_jax.data.sources import get_source
+    from covidmt_jax.data.sources import SOURCES, get_source
     out = {}
     for ds, entry in split_cfg.items():
         kwargs = entry.kwargs.to_dict() if hasattr(entry.kwargs, "to_dict") else dict(entry.kwargs)
+        cls = SOURCES.get(entry.source)
+        if cls is not None and "on_error" in inspect.signature(cls).parameters:
+            kwargs.setdefault("on_error", on_error)
         src = get_source(entry.source, **kwargs)
         frac = float(entry.get("holdout", 0.0))
+        part = entry.get("holdout_part", "keep")
         if frac > 0:
             keep, hold = holdout_split(src, frac, seed=int(entry.get("holdout_seed", 0)))
-            part = entry.get("holdout_part", "keep")
             src = SourceView(src, keep if part == "keep" else hold, name=f"{src.name}[{part}]")
         if len(src) == 0:
-            raise config_lib.ConfigError(f"data entry {ds!r} ({entry.source}) has no records")
+            why = f" after holding out {frac:g} of its patients ({part!r} part)" if frac > 0 else ""
+            skipped = list(getattr(src, "skipped", []))
+            if skipped:
+                why += f"; {len(skipped)} item(s) skipped, e.g. {skipped[0][0]}: {skipped[0][1]}"
+            raise config_lib.ConfigError(
+                f"config.data.{split}.{ds}: no records in {split} split of dataset {ds!r} "
+                f"(source {entry.source!r}, {getattr(src, 'name', entry.source)}){why}")
         out[ds] = src
     return out
 
@@ -162,7 +179,12 @@ def make_eval_step(graphdef, tasks: list[Task]):
 
 class MetricWriter:
     """``metrics.jsonl`` + TensorBoard (process 0 only). On resume, rows past the restored
-    step are dropped so the file never holds a step twice."""
+    step are dropped so the file never holds a step twice.
+
+    Each line is strict JSON (RFC 8259): a NaN or infinite value is written as ``null``
+    (``json.loads`` of any line works in every JSON reader); TensorBoard gets the finite
+    values only.
+    """
 
     def __init__(self, workdir: Path, resume_step: int):
         self.enabled = jax.process_index() == 0
@@ -183,14 +205,15 @@ class MetricWriter:
     def write(self, step: int, kind: str, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
+        floats = {k: float(v) for k, v in values.items()}
         row = {"step": int(step), "kind": kind, "time": time.time(),
-               **{k: float(v) for k, v in values.items()}}
+               **{k: v if math.isfinite(v) else None for k, v in floats.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
-            for k, v in values.items():
-                if np.isfinite(v):
-                    self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+            for k, v in floats.items():
+                if math.isfinite(v):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
             self.tb.flush()
 
     def close(self) -> None:
@@ -200,23 +223,67 @@ class MetricWriter:
 
 # ----------------------------------------------------------------------------- evaluation
 
+class EvalProgress:
+    """Progress of one evaluation pass of ``total`` batches: ``update()`` after each batch
+    logs ``"<label>: done/total batches (<dataset>)  r batches/s  i img/s  ETA h:mm:ss"``
+    at most every ``every_s`` seconds (the first batch, which compiles, is not timed for
+    the rate) and always after the last batch."""
+
+    def __init__(self, total: int, batch_size: int, *, label: str = "eval", every_s: float = 10.0,
+                 clock=time.monotonic, logger: logging.Logger | None = None):
+        self.total, self.batch_size, self.label, self.every_s = int(total), int(batch_size), label, every_s
+        self.clock, self.log = clock, logger or log
+        self.done = 0
+        self._t0 = self._last = None  # time after the first batch; time of the last line
+
+    def update(self, what: str = "") -> str | None:
+        """One batch done; returns the line when one was logged."""
+        self.done += 1
+        now = self.clock()
+        if self._t0 is None:
+            self._t0 = self._last = now
+            if self.done < self.total:
+                return None
+        if self.done < self.total and now - self._last < self.every_s:
+            return None
+        self._last = now
+        timed = self.done - 1
+        rate = timed / (now - self._t0) if timed and now > self._t0 else float("nan")
+        eta = (self.total - self.done) / rate if rate > 0 else (0.0 if self.done >= self.total else float("nan"))
+        speed = f"{rate:.2f} batches/s  {rate * self.batch_size:.1f} img/s" if rate > 0 else "rate ?"
+        line = (f"{self.label}: {self.done}/{self.total} batches{f' ({what})' if what else ''}  "
+                f"{speed}  ETA {_hms(eta)}")
+        self.log.info("%s", line)
+        return line
+
+
 def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], cfg, mesh,
-             model_for_tasks) -> dict[str, float]:
-    """Per-task metrics over every validation source (one pass, padded batches)."""
+             model_for_tasks, *, skip_logs: Mapping[str, Any] | None = None, label: str = "eval",
+             progress_every_s: float = 10.0) -> dict[str, float]:
+    """Per-task metrics over every validation source (one pass, padded batches).
+
+    ``cfg.data.on_error`` applies ("skip": an unreadable image becomes a zero-weight pad,
+    logged in ``skip_logs[dataset]`` when given, each file once across calls). A progress
+    line with the rate and ETA is logged every ``progress_every_s`` seconds and at the end
+    (:class:`EvalProgress`).
+    """
     from covidmt_jax.data.pipeline import make_eval_iterator
     sharding = parallel.data_sharding(mesh)
     results: dict[str, float] = {}
-    for ds, source in val_sources.items():
+    on_error = cfg.data.get("on_error", "raise")
+    # each process evaluates its own shard; results are all-gathered below
+    iterators = {ds: make_eval_iterator(source, dataset=ds, tasks=[t.spec for t in tasks],
+                                        image_size=cfg.data.image_size, batch_size=cfg.data.eval_batch_size,
+                                        max_boxes=cfg.data.max_boxes, shard_index=None, shard_count=None,
+                                        on_error=on_error, skip_log=(skip_logs or {}).get(ds))
+                 for ds, source in val_sources.items() if any(t.spec.dataset == ds for t in tasks)}
+    progress = EvalProgress(sum(it.num_batches for it in iterators.values()), cfg.data.eval_batch_size,
+                            label=label, every_s=progress_every_s)
+    for ds, it in iterators.items():
         ds_tasks = [t for t in tasks if t.spec.dataset == ds]
-        if not ds_tasks:
-            continue
         arrays: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
         lists: dict[str, dict[str, list]] = {t.name: {} for t in ds_tasks}
-        # each process evaluates its own shard; results are all-gathered below
-        it = make_eval_iterator(source, dataset=ds, tasks=[t.spec for t in tasks],
-                                image_size=cfg.data.image_size, batch_size=cfg.data.eval_batch_size,
-                                max_boxes=cfg.data.max_boxes, shard_index=None, shard_count=None)
-        for batch in it:
+        for batch in _data_errors_named(it, "evaluation"):
             gb = parallel.global_batch(batch, sharding)
             outputs = parallel.local_rows(eval_fn(state, gb["image"]))
             host_batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
@@ -225,12 +292,44 @@ def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], 
                     # arrays are per-sample columns (concatenated); lists hold per-image items
                     target = lists if isinstance(v, list) else arrays
                     target[t.name].setdefault(k, []).extend(v if isinstance(v, list) else [v])
+            progress.update(ds)
         for t in ds_tasks:
             merged = {k: parallel.allgather_rows(np.concatenate(v)) for k, v in arrays[t.name].items()}
             merged.update({k: parallel.allgather_ragged(v) for k, v in lists[t.name].items()})
             for name, value in t.summarize(merged).items():
                 results[f"{t.name}/{name}"] = value
     return results
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+def _data_errors_named(iterator, what: str) -> Iterator:
+    """Iterate, re-raising an unreadable input (DataError, also from grain workers) as ONE
+    DataError naming the file, the problem and the way round it (no grain frames)."""
+    from covidmt_jax.data.records import DataError
+    it = iter(iterator)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except DataError as e:
+            raise DataError(e.path, f"{e.problem} (during {what}; --config.data.on_error=skip "
+                                    "leaves unreadable images out)") from None
+        yield item
+
+
+def skipped_images(*logs_and_sources) -> dict[str, Any]:
+    """``{"count", "files": [{"path", "problem", "where"}]}``: every file left out, once
+    (by path), from SkipLogs (``(where, SkipLog)``) and sources' build-time ``skipped``
+    lists (``(where, source)``)."""
+    from covidmt_jax.data.pipeline import SkipLog
+    files: dict[str, dict[str, str]] = {}
+    for where, obj in logs_and_sources:
+        items = obj.items if isinstance(obj, SkipLog) else getattr(obj, "skipped", [])
+        for path, problem in items:
+            files.setdefault(str(path), {"path": str(path), "problem": str(problem), "where": where})
+    return {"count": len(files), "files": list(files.values())}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,8 +347,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
-    train_sources = build_sources({ds: cfg.data.train[ds] for ds in {t.dataset for t in specs}})
-    val_sources = build_sources(cfg.data.val) if cfg.data.val else {}
+    on_error = cfg.data.get("on_error", "raise")
+    train_sources = build_sources({ds: cfg.data.train[ds] for ds in {t.dataset for t in specs}}, "train",
+                                  on_error)
+    val_sources = build_sources(cfg.data.val, "val", on_error) if cfg.data.val else {}
     n_loaders = len(train_sources)
     global_bs = cfg.data.per_task_batch * n_loaders * jax.process_count()
     parallel.check_batch_divisible(global_bs, mesh)
@@ -277,7 +378,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
                                     image_size=cfg.data.image_size, seed=cfg.seed,
                                     num_workers=cfg.data.num_workers,
                                     augment_cfg=cfg.data.augment.to_dict(),
-                                    max_boxes=cfg.data.max_boxes)
+                                    max_boxes=cfg.data.max_boxes, on_error=on_error)
+    from covidmt_jax.data.pipeline import SkipLog
+    eval_skip_logs = {ds: SkipLog(f"val:{getattr(src, 'name', ds)}") for ds, src in val_sources.items()}
+    train_batches = _data_errors_named(data_iter, "training")
     ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.checkpoint.keep)
     step, best = 0, None
     if ckpt.latest_step() is not None:
@@ -300,7 +404,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         nonlocal best
         if not val_sources:
             return {}
-        res = evaluate(eval_fn, state, val_sources, tasks, cfg, mesh, model_for_tasks)
+        res = evaluate(eval_fn, state, val_sources, tasks, cfg, mesh, model_for_tasks,
+                       skip_logs=eval_skip_logs, label=f"eval @{at_step}")
         writer.write(at_step, "eval", res)
         log.info("eval @%d: %s", at_step, "  ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
         key = cfg.eval.best_metric
@@ -314,7 +419,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     eval_results: dict[str, float] = {}
     try:
         while step < total_steps:
-            local = next(data_iter)
+            local = next(train_batches)
             batch = parallel.global_batch(local, batch_sh)
             state, metrics = train_step(state, batch)
             step += 1
@@ -350,9 +455,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         writer.close()
     _export(workdir / "export" / "final", graphdef, state, cfg, specs, {"step": step})
     summary = {"steps": step, "epochs": step / spe, "wall_s": time.time() - start,
-               "final_eval": eval_results, "best": best, "workdir": str(workdir)}
+               "final_eval": eval_results, "best": best, "workdir": str(workdir),
+               "skipped_images": skipped_images(
+                   *[(f"train:{ds}", src) for ds, src in train_sources.items()],
+                   *[(f"val:{ds}", src) for ds, src in val_sources.items()],
+                   *[(f"train:{ds}", lg) for ds, lg in data_iter.skip_logs.items()],
+                   *[(f"val:{ds}", lg) for ds, lg in eval_skip_logs.items()])}
+    if summary["skipped_images"]["count"]:
+        log.warning("%d unreadable image(s) left out (listed in summary.json)", summary["skipped_images"]["count"])
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        from covidmt_jax.report import jsonable  # strict JSON: NaN / inf -> null
+        (workdir / "summary.json").write_text(json.dumps(jsonable(summary), indent=2, allow_nan=False,
+                                                         default=float))
     log.info("done: %s", json.dumps(summary, default=float))
     return summary
 
@@ -403,10 +517,14 @@ def main(argv=None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                             stream=sys.stdout, force=True)
         quiet_libraries()
+        from covidmt_jax.data.records import DataError
         try:
             train(flags_.config, flags_.workdir)
         except config_lib.ConfigError as e:
             raise app.UsageError(f"bad config: {e}") from None
+        except DataError as e:  # an unreadable input file: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     app.run(_main, argv=argv)
 

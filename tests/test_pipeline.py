@@ -3,6 +3,7 @@ iterator-state round trip (JSON and orbax), sharding, evaluation padding, errors
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -349,24 +350,33 @@ def test_bad_records_raise_the_data_error_naming_the_file(tmp_path):
         assert where in str(e.value)
 
 
-def test_skip_mode_leaves_bad_records_out_and_reports_them():
+def _skip_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "covidmt_jax.data" and "skipped" in r.getMessage()]
+
+
+def test_skip_mode_leaves_bad_records_out_and_reports_them(caplog):
     src = _Bad(b"garbage")
     it = P.make_train_iterator({"covidx": src}, paper_tasks(1), per_task_batch=3, image_size=SIZE, seed=0,
                                shard_index=0, shard_count=1, on_error="skip")
-    with pytest.warns(UserWarning, match="broken"):
-        batches = [next(it) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="covidmt_jax.data"):
+        batches = [next(it) for _ in range(5)]  # 15 samples of 3 good ones: the broken one met 5 times
     assert all(b["image"].shape[0] == 3 for b in batches)
     assert np.all(np.concatenate([b["labels"] for b in batches]) == 0)  # the broken one had label 1
-    assert it.skipped and all("bad[broken]:image" in p for p, _ in it.skipped)
-    assert "skipped" in it.skip_report()
-    # evaluation: the bad record becomes a zero-weight pad and is logged
-    ev = P.make_eval_iterator(src, dataset="covidx", tasks=PAPER_TASKS, image_size=SIZE, batch_size=4,
-                              on_error="skip")
-    with pytest.warns(UserWarning, match="broken"):
-        (b,) = list(ev)
-    np.testing.assert_array_equal(b["valid"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(b["label_weight"][:, 0], [1, 1, 1, 0])
-    assert len(ev.skip_log) == 1
+    assert it.skipped == [("bad[broken]:image", it.skipped[0][1])] and it.skip_logs["covidx"].occurrences == 5
+    assert _skip_lines(caplog) == [f"bad: skipped unreadable record bad[broken]:image: {it.skipped[0][1]}"]
+    assert "skipped 1 bad record" in it.skip_report()
+    # evaluation: the bad record becomes a zero-weight pad and is logged, once per shared log
+    caplog.clear()
+    shared = P.SkipLog("val")
+    for _ in range(2):
+        ev = P.make_eval_iterator(src, dataset="covidx", tasks=PAPER_TASKS, image_size=SIZE, batch_size=4,
+                                  on_error="skip", skip_log=shared)
+        with caplog.at_level(logging.WARNING, logger="covidmt_jax.data"):
+            (b,) = list(ev)
+        np.testing.assert_array_equal(b["valid"], [1, 1, 1, 0])
+        np.testing.assert_array_equal(b["label_weight"][:, 0], [1, 1, 1, 0])
+        assert ev.skip_log is shared and len(ev.skip_log) == 1
+    assert len(_skip_lines(caplog)) == 1 and shared.occurrences == 2
     # all records bad: a clear error instead of an endless loop
     class AllBad(Source):
         name, label_names = "allbad", ("COVID-19",)
@@ -380,6 +390,33 @@ def test_skip_mode_leaves_bad_records_out_and_reports_them():
         with pytest.raises(DataError, match="in a row"):
             next(P.make_train_iterator({"covidx": AllBad()}, paper_tasks(1), image_size=SIZE, seed=0,
                                        shard_index=0, shard_count=1, on_error="skip"))
+
+
+def test_iterator_state_carries_the_skip_log(caplog):
+    """A resumed iterator reports the files skipped before the checkpoint without logging
+    them again, and its batches continue exactly as the uninterrupted ones."""
+    def make():
+        return P.make_train_iterator({"covidx": _Bad(b"garbage")}, paper_tasks(1), per_task_batch=3,
+                                     image_size=SIZE, seed=0, shard_index=0, shard_count=1, on_error="skip")
+
+    it = make()
+    with caplog.at_level(logging.WARNING, logger="covidmt_jax.data"):
+        for _ in range(2):
+            next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["skipped"] == {"covidx": [list(it.skipped[0])]}
+    caplog.clear()
+    fresh = make()
+    with caplog.at_level(logging.WARNING, logger="covidmt_jax.data"):
+        fresh.set_state(state)
+        for _ in range(3):
+            assert _equal(next(it), next(fresh))
+    assert fresh.skipped == it.skipped and _skip_lines(caplog) == []
+    # states written before skip logs were part of them still restore
+    old = {k: v for k, v in state.items() if k != "skipped"}
+    again = make()
+    again.set_state(old)
+    assert again.skipped == []
 
 
 def test_task_label_missing_from_the_source_is_a_clear_error(sources):

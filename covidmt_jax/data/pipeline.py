@@ -44,13 +44,15 @@ Epochs: :func:`steps_per_epoch` counts one epoch as one pass over the LARGEST ta
 
 Bad records raise the source's :class:`~covidmt_jax.data.records.DataError` naming the file.
 With ``on_error="skip"`` they are left out of training batches (replaced by zero-weight
-padding in evaluation), each one warned about and listed in a :class:`SkipLog`.
+padding in evaluation), each file logged once and listed in a :class:`SkipLog`; the
+training iterator's state carries its skip logs, so a resumed run reports the files
+skipped before the checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import warnings
 import zlib
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
@@ -61,6 +63,8 @@ from covidmt_jax.data import augment as aug
 from covidmt_jax.data import images
 from covidmt_jax.data.records import DataError, check_on_error
 from covidmt_jax.normalisation import GREY_MEAN, GREY_STD, denormalise, normalise
+
+_log = logging.getLogger("covidmt_jax.data")
 
 __all__ = [
     "GREY_MEAN",
@@ -97,16 +101,35 @@ def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 # --- errors ----------------------------------------------------------------------------
 class SkipLog:
-    """Bad records left out under ``on_error="skip"``: ``items`` is a list of ``(path,
-    problem)``; each addition is also warned about (never silent)."""
+    """Bad records left out under ``on_error="skip"``.
+
+    ``items``: the distinct ``(path, problem)`` pairs in the order first seen; each new path
+    is logged ONCE as a warning on the ``covidmt_jax.data`` logger (never silent, and an
+    endless training stream that meets the same file every epoch does not repeat it);
+    ``occurrences`` counts every encounter. :meth:`restore` reloads ``items`` saved with an
+    iterator state without logging them again.
+    """
 
     def __init__(self, name: str = "pipeline"):
         self.name = name
         self.items: list[tuple[str, str]] = []
+        self.occurrences = 0
+        self._seen: set[str] = set()
 
     def add(self, path: str, problem: str) -> None:
+        self.occurrences += 1
+        if path in self._seen:
+            return
+        self._seen.add(path)
         self.items.append((path, problem))
-        warnings.warn(f"{self.name}: skipped bad record {path}: {problem}", stacklevel=2)
+        _log.warning("%s: skipped unreadable record %s: %s", self.name, path, problem)
+
+    def restore(self, items) -> None:
+        """Add ``[(path, problem), ...]`` (e.g. from a checkpoint) without logging them."""
+        for path, problem in items:
+            if path not in self._seen:
+                self._seen.add(path)
+                self.items.append((str(path), str(problem)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -459,8 +482,11 @@ class MixedTrainIterator(grain.DatasetIterator):
         return {k: np.concatenate([b[k] for b in batches], axis=0) for k in keys}
 
     def get_state(self) -> dict[str, Any]:
-        return {"format": self.STATE_FORMAT, "datasets": list(self.datasets),
-                "loaders": {d: it.get_state() for d, it in zip(self.datasets, self._parents)}}
+        state = {"format": self.STATE_FORMAT, "datasets": list(self.datasets),
+                 "loaders": {d: it.get_state() for d, it in zip(self.datasets, self._parents)}}
+        if self.skip_logs:  # what was skipped so far belongs to the position: a resumed run reports it
+            state["skipped"] = {d: [list(item) for item in log.items] for d, log in self.skip_logs.items()}
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping) or state.get("format") != self.STATE_FORMAT:
@@ -470,6 +496,9 @@ class MixedTrainIterator(grain.DatasetIterator):
                              f"{list(self.datasets)}")
         for d, it in zip(self.datasets, self._parents):
             it.set_state(state["loaders"][d])
+        for d, items in state.get("skipped", {}).items():
+            if d in self.skip_logs:
+                self.skip_logs[d].restore(items)
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -593,7 +622,8 @@ class EvalIterator:
 
 def make_eval_iterator(source, *, dataset: str, tasks: Sequence, image_size: int | Sequence[int], batch_size: int,
                        max_boxes: int = 8, shard_index: int | None = 0, shard_count: int | None = 1,
-                       read_threads: int = 2, on_error: str = "raise") -> EvalIterator:
+                       read_threads: int = 2, on_error: str = "raise",
+                       skip_log: SkipLog | None = None) -> EvalIterator:
     """No augmentation, no shuffle, one pass over ``source`` (this process's shard).
 
     The last batch is filled with zero-weight samples (black image, ``label_weight``,
@@ -602,7 +632,8 @@ def make_eval_iterator(source, *, dataset: str, tasks: Sequence, image_size: int
     batch_size)``), as SPMD evaluation on several hosts needs. ``shard_index`` /
     ``shard_count`` default to the whole source in this process; pass ``None, None`` for
     the JAX process's shard. With ``on_error="skip"`` a bad record becomes a padding sample
-    and is logged in ``EvalIterator.skip_log``.
+    and is logged in ``EvalIterator.skip_log`` (``skip_log``, e.g. one shared by every
+    evaluation of a run so each file is logged once; a new one by default).
     """
     specs = _resolve_tasks(tasks)
     hw = image_hw(image_size)
@@ -618,7 +649,8 @@ def make_eval_iterator(source, *, dataset: str, tasks: Sequence, image_size: int
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads),
                                               prefetch_buffer_size=max(2 * int(batch_size), 4)))
     ds = ds.batch(int(batch_size), drop_remainder=False, batch_fn=_collate)
-    return EvalIterator(ds, num_batches, len(indices), SkipLog(fn.source_name))
+    log = skip_log if skip_log is not None else SkipLog(fn.source_name)
+    return EvalIterator(ds, num_batches, len(indices), log)
 
 
 @dataclasses.dataclass(frozen=True)
