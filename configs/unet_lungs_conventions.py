@@ -41,5 +41,5 @@ def get_config(arg=None):
     c.init = "" if init == "none" else init
     c.seed = int(opts.get("seed", 0))
     c.eval_every = int(opts.get("eval_every", 250))
-    c.log_every = 25
+    c.log_every = 10
     return c

@@ -1,4 +1,5 @@
-r"""Train the two-convention lung U-Net: ``python -m covidmt_jax.lung_training --config configs/unet_lungs_conventions.py --workdir DIR``.
+r"""Train the two-convention lung U-Net: ``python -m covidmt_jax.lung_training --config configs/unet_lungs_conventions.py --workdir DIR``;
+evaluate segmenters: ``python -m covidmt_jax.lung_training evaluate --segmenters fields,anatomical --out val.json``.
 
 One U-Net with one output channel (head) per mask convention: channel 0 = visible lung
 fields, channel 1 = anatomical lungs (:data:`covidmt_jax.data.sources.lungs.CONVENTIONS`).
@@ -187,10 +188,15 @@ def masked_convention_loss(logits: jax.Array, mask: jax.Array, convention: jax.A
     return jnp.mean(soft_dice_loss(own, mask) + bce_weight * bce)
 
 
+@nnx.jit
+def _predict_probs(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(model(x))
+
+
 def predict_sets(model: nnx.Module, data: dict, batch_size: int = 16) -> np.ndarray:
     """Probabilities ``[N, S, S, K]`` of a loaded split (model in eval mode)."""
     model.eval()
-    fn = nnx.jit(lambda m, x: jax.nn.sigmoid(m(x)))
+    fn = _predict_probs
     out = []
     x_all = data["images"]
     for s in range(0, len(x_all), batch_size):
@@ -290,6 +296,80 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
     return {"best_mean_dice": best, "best_step": best_step, "train_s": time.time() - t_start}
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+def film_tags(meta: Mapping[str, Any]) -> list[str]:
+    """Reporting groups of a film: its set, ``set/film_type`` and, where they apply,
+    ``set/portable`` (AP or AP supine) and ``set/paediatric`` (the QU-Ex proxy)."""
+    tags = [meta["source"], f"{meta['source']}/{meta['film_type']}"]
+    if meta.get("portable"):
+        tags.append(f"{meta['source']}/portable")
+    if meta.get("paediatric"):
+        tags.append(f"{meta['source']}/paediatric")
+    return tags
+
+
+def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str = "val",
+             channel: str | None = "whatsapp", sets: tuple[str, ...] | None = None,
+             resize: str | None = None) -> dict[str, Any]:
+    """Dice of shipped/exported segmenters on a split, at each film's own resolution.
+
+    ``segmenters``: ``{convention: LungSegmenter}``; every film is segmented by each, and
+    scored against its reference by the segmenter of its set's convention. ``channel``:
+    also segment the film's transmitted copy (``channels.get_channel``) and report the Dice
+    between the two masks (mask stability). ``resize`` overrides each segmenter's policy.
+    Returns ``{"rows": [per film], "groups": {tag: {"n", "dice_mean", "dice_median",
+    "dice_min", "stability_mean", ...}}}``.
+    """
+    from covidmt_jax.channels import get_channel
+    from covidmt_jax.data.images import load_grey, load_mask
+    from covidmt_jax.data.splits import set_folders
+    from covidmt_jax.lung_qc import mask_qc
+    from covidmt_jax.metrics import dice
+    folders = set_folders(data_root)
+    ch = get_channel(channel) if channel else None
+    if resize is not None:
+        for seg in segmenters.values():
+            seg.resize = resize
+    rows = []
+    for name in (sets or tuple(folders)):
+        src = LungSetSource(folders[name], split=split)
+        for i in range(len(src)):
+            rec = src[i]
+            meta = rec["meta"]
+            g = load_grey(rec["image"], name=rec["id"])
+            ref = load_mask(rec["mask"], name=rec["id"])
+            probs = {c: seg.lung_masks([g])[0] for c, seg in segmenters.items()}
+            own = meta["convention"]
+            row = {"id": rec["id"], "source": name, "convention": own, "tags": film_tags(meta),
+                   "ref_frac": float(ref.mean()),
+                   "dice": float(dice(probs[own][None] >= 0.5, ref[None])[0]) if own in probs else float("nan")}
+            for c, p in probs.items():
+                other = [o for o in probs if o != c]
+                q = mask_qc(p, probs[other[0]] if other else None,
+                            other_is=other[0] if other else "anatomical")
+                row[f"qc_{c}"] = {k: v for k, v in q.items()}
+                row[f"dice_{c}_vs_ref"] = float(dice(p[None] >= 0.5, ref[None])[0])
+            if ch is not None:
+                t = ch.transmit_array(g, keep_size=True)
+                for c, seg in segmenters.items():
+                    pt = seg.lung_masks([t])[0]
+                    row[f"stability_{c}"] = float(dice(pt[None] >= 0.5, probs[c][None] >= 0.5)[0])
+            rows.append(row)
+    groups: dict[str, dict] = {}
+    for tag in sorted({t for r in rows for t in r["tags"]}):
+        rs = [r for r in rows if tag in r["tags"]]
+        d = np.array([r["dice"] for r in rs])
+        g = {"n": len(rs), "dice_mean": float(np.nanmean(d)), "dice_median": float(np.nanmedian(d)),
+             "dice_min": float(np.nanmin(d))}
+        for c in segmenters:
+            if f"stability_{c}" in rs[0]:
+                g[f"stability_{c}_mean"] = float(np.mean([r[f"stability_{c}"] for r in rs]))
+            g[f"flagged_{c}"] = int(sum(r[f"qc_{c}"]["flagged"] for r in rs))
+        groups[tag] = g
+    return {"split": split, "channel": channel, "rows": rows, "groups": groups}
+
+
 def load_config(spec: str):
     """``path/to/config.py[:k=v,...]`` -> the ConfigDict its ``get_config(arg)`` returns."""
     import importlib.util
@@ -303,11 +383,40 @@ def load_config(spec: str):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="configs/unet_lungs_conventions.py[:k=v,...]")
-    p.add_argument("--workdir", required=True)
-    a = p.parse_args(argv)
+    p = argparse.ArgumentParser(description="Train the two-convention lung U-Net, or evaluate segmenters.")
+    sub = p.add_subparsers(dest="cmd")
+    t = sub.add_parser("train", help="train (the default when --config is given)")
+    t.add_argument("--config", required=True, help="configs/unet_lungs_conventions.py[:k=v,...]")
+    t.add_argument("--workdir", required=True)
+    e = sub.add_parser("evaluate", help="Dice / mask stability / QC of segmenters on a split")
+    e.add_argument("--segmenters", default="fields,anatomical",
+                   help="comma list of shipped names or convention=EXPORT_DIR (default: both shipped)")
+    e.add_argument("--root", default="../shared/data")
+    e.add_argument("--split", default="val", choices=("train", "val", "test"))
+    e.add_argument("--channel", default="whatsapp", help="channel for mask stability ('' = none)")
+    e.add_argument("--resize", default=None, choices=RESIZE_POLICIES, help="override the policy")
+    e.add_argument("--sets", default="", help="comma list of set names (default: all present)")
+    e.add_argument("--out", required=True, help="JSON file with per-film rows and per-group figures")
+    argv = list(argv) if argv is not None else None
+    import sys
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0].startswith("--"):
+        args_in = ["train"] + args_in
+    a = p.parse_args(args_in)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.cmd == "evaluate":
+        from covidmt_jax.lungs import lung_segmenter
+        segs = {}
+        for item in filter(None, a.segmenters.split(",")):
+            conv, _, d = item.partition("=")
+            segs[conv] = lung_segmenter(d or conv)
+        res = evaluate(segs, a.root, split=a.split, channel=a.channel or None, resize=a.resize,
+                       sets=tuple(filter(None, a.sets.split(","))) or None)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        for tag, g in res["groups"].items():
+            print(f"{tag:45s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in g.items()))
+        return
     cfg = load_config(a.config)
     print(json.dumps(train(cfg, a.workdir)))
 

@@ -73,3 +73,114 @@ def test_shipped_unet_on_independent_pairs(shared_data):
     probs = seg.lung_masks([load_grey(folder / "Data" / img) for img, _ in pairs])
     dices = [_dice(p >= 0.5, load_mask(folder / "Data" / m)) for p, (_, m) in zip(probs, pairs)]
     assert np.mean(dices) > 0.85, dices
+
+
+# --------------------------------------------------------------------------------------------
+# two conventions: resize policies, augmentation, masked heads, the shipped pair
+# --------------------------------------------------------------------------------------------
+def test_letterbox_round_trip_and_policy():
+    from covidmt_jax.lungs import letterbox_geometry, resize_from_input, resize_to_input
+    x = np.zeros((40, 80), np.float32)
+    x[10:30, 20:60] = 1.0
+    assert letterbox_geometry((40, 80), 32) == (16, 32, 8, 0)
+    lb = resize_to_input(x, 32, "letterbox")
+    assert lb.shape == (32, 32) and lb[:8].max() == 0 and lb[24:].max() == 0  # black bands
+    back = resize_from_input(lb, (40, 80), "letterbox")
+    assert back.shape == (40, 80) and np.abs(back - x).mean() < 0.08
+    sq = resize_to_input(x, 32, "squash")
+    assert sq[:8].max() > 0  # stretched: the film fills the square
+    with pytest.raises(ValueError, match="resize policy"):
+        resize_to_input(x, 32, "crop")
+
+
+def test_opacity_augmentation_keeps_the_mask_and_only_brightens_lung():
+    from covidmt_jax.data.lung_augment import OPACITY_KINDS, LungAugment, add_opacities, jpeg_roundtrip
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64), 0.3, np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[10:54, 8:28] = mask[10:54, 36:56] = True
+    for kind in OPACITY_KINDS:
+        out = add_opacities(img, mask, np.random.default_rng(1), kind=kind)
+        assert out.shape == img.shape and (out >= img - 1e-6).all()
+        assert out[mask].mean() > img[mask].mean() + 0.01, kind   # denser lung
+        assert np.abs(out[:2] - img[:2]).max() < 1e-3             # far from the lung: unchanged
+    with pytest.raises(ValueError, match="opacity kind"):
+        add_opacities(img, mask, rng, kind="nodule")
+    j = jpeg_roundtrip(img, 50, scale=0.5)
+    assert j.shape == img.shape and np.abs(j - img).max() < 0.05
+    x, m = LungAugment()(img, mask, rng)
+    assert x.shape == m.shape == (64, 64) and m.dtype == bool and 0 <= x.min() and x.max() <= 1
+
+
+def test_masked_convention_loss_trains_only_the_own_head():
+    import jax
+    import jax.numpy as jnp
+    from covidmt_jax.lung_training import masked_convention_loss
+    logits = jnp.asarray(np.random.RandomState(0).randn(3, 8, 8, 2).astype(np.float32))
+    target = jnp.asarray((np.random.RandomState(1).rand(3, 8, 8) > 0.5).astype(np.float32))
+    conv = jnp.asarray([0, 1, 1], jnp.int32)
+    g = np.asarray(jax.grad(masked_convention_loss)(logits, target, conv))
+    assert np.abs(g[0, ..., 1]).max() == 0 and np.abs(g[1, ..., 0]).max() == 0 and np.abs(g[2, ..., 0]).max() == 0
+    assert np.abs(g[0, ..., 0]).max() > 0 and np.abs(g[1, ..., 1]).max() > 0
+
+
+def test_export_convention_slices_one_head(tmp_path):
+    import jax
+    from covidmt_jax.lung_training import export_convention
+    kw = {"depth": 2, "base_width": 4, "in_channels": 1, "num_classes": 2}
+    two = models.create("unet", rngs=3, **kw)
+    save_model(tmp_path / "two", two, name="unet", model_kwargs=kw,
+               metadata={"image_size": 32, "outputs": ["fields", "anatomical"]})
+    with pytest.raises(ValueError, match="single-output"):
+        load_lung_segmenter(tmp_path / "two")
+    x = np.random.RandomState(0).randn(2, 32, 32, 1).astype(np.float32)
+    two.eval()
+    for k, conv in enumerate(["fields", "anatomical"]):
+        seg = load_lung_segmenter(export_convention(tmp_path / "two", tmp_path / conv, conv, resize="letterbox"))
+        assert seg.convention == conv and seg.resize == "letterbox"
+        np.testing.assert_allclose(np.asarray(seg.predict_normalised(x)),
+                                   np.asarray(jax.nn.sigmoid(two(x)))[..., k], atol=1e-6)
+    with pytest.raises(ValueError, match="no 'ribs'"):
+        export_convention(tmp_path / "two", tmp_path / "r", "ribs")
+    with pytest.raises(ValueError, match="unknown lung segmenter"):
+        lung_segmenter("heart")
+
+
+_SHIPPED_BOTH = all((d / "model.json").is_file() for d in __import__("covidmt_jax.lungs", fromlist=["x"]).SEGMENTERS.values())
+
+
+@pytest.mark.skipif(not _SHIPPED_BOTH, reason="the two shipped segmenters are not in this checkout")
+def test_both_shipped_segmenters_load_and_run():
+    from covidmt_jax.lungs import SEGMENTERS
+    img = (np.random.RandomState(0).rand(90, 70) * 255).astype(np.uint8)
+    for name in SEGMENTERS:
+        seg = lung_segmenter(name)
+        assert seg.convention == name
+        (m,) = seg.lung_masks([img])
+        assert m.shape == (90, 70) and m.dtype == np.float32
+    assert lung_segmenter().convention == "fields"
+
+
+@pytest.mark.skipif(not _SHIPPED_BOTH, reason="the two shipped segmenters are not in this checkout")
+def test_anatomical_mask_larger_and_contains_fields_on_films_annotated_both_ways(shared_data):
+    """Validation films of the ieee8023 patients that carry both a QU-Ex (fields) and a V7
+    (anatomical) mask: the anatomical prediction is larger and holds most of the fields one."""
+    import csv
+    from covidmt_jax.data.images import load_grey
+    from covidmt_jax.data.splits import folder_splits
+    root = shared_data / "lungs_diseased"
+    if not (root / "v7_covid_anatomical").is_dir():
+        pytest.skip("lungs_diseased sets absent")
+    with open(root / "v7_covid_anatomical" / "pairs.csv") as f:
+        v7 = {r["ieee8023_filename"]: r["stem"] for r in csv.DictReader(f)}
+    with open(root / "quex_covid_fields" / "pairs.csv") as f:
+        both = [(r["stem"], v7[r["ieee8023_filename"]]) for r in csv.DictReader(f) if r["ieee8023_filename"] in v7]
+    val = folder_splits(root / "quex_covid_fields")
+    films = [v for q, v in both if val[q] == "val"][:6]
+    assert len(films) >= 3
+    imgs = [load_grey(root / "v7_covid_anatomical" / "images" / f"{s}.png") for s in films]
+    fields = [m >= 0.5 for m in lung_segmenter("fields").lung_masks(imgs)]
+    anat = [m >= 0.5 for m in lung_segmenter("anatomical").lung_masks(imgs)]
+    for s, f, a in zip(films, fields, anat):
+        assert a.sum() > f.sum(), s
+        assert (f & a).sum() / f.sum() > 0.8, s
