@@ -287,6 +287,9 @@ def test_shards_are_disjoint_and_cover_the_source(sources):
         _train(sources, shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="both"):
         _train(sources, shard_index=0, shard_count=None)
+    one = SyntheticCOVIDx(1, size=32, name="one")
+    with pytest.raises(ValueError, match=r"no records in shard 1 of 2 of dataset 'covidx' \(source 'one', 1 records"):
+        _train({"covidx": one}, paper_tasks(1), shard_index=1, shard_count=2)
 
 
 def test_default_shard_is_the_jax_process(sources):

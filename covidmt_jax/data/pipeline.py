@@ -411,7 +411,8 @@ def task_dataset(source, *, dataset: str, tasks: Sequence, image_size: int | Seq
         ds = ds[index::count]
     n = len(ds)
     if n == 0:
-        raise ValueError(f"shard {index} of {count} of {fn.source_name!r} ({len(source)} records) is empty")
+        raise ValueError(f"no records in shard {index} of {count} of dataset {dataset!r} (source "
+                         f"{fn.source_name!r}, {len(source)} records in all)")
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     if repeat:
