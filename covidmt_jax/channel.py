@@ -100,6 +100,14 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _link_target(link: Path) -> Path | None:
+    """Where the symbolic link ``link`` finally leads (None for a loop)."""
+    try:
+        return link.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return None
+
+
 def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[Path, Path]:
     """Resolved ``(src, dst)`` after refusing every overlap of the two folders and a DST
     that is a symbolic link or contains one leading outside it (ValueError naming the
@@ -129,9 +137,10 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike) -> tuple[Path, P
             for name in dirs + files:
                 p = Path(root, name)
                 if p.is_symlink():
-                    target = p.resolve()
-                    if not _inside(target, dst_r):
-                        raise ValueError(f"{p}: symbolic link leading outside DST_DIR (to {target}); "
+                    target = _link_target(p)
+                    if target is None or not _inside(target, dst_r):
+                        where = f"to {target}" if target is not None else "a symbolic link loop"
+                        raise ValueError(f"{p}: symbolic link leading outside DST_DIR ({where}); "
                                          "remove it or choose another DST_DIR")
     return src_r, dst_r
 
@@ -215,9 +224,9 @@ def make_pairs(src: str | os.PathLike, dst: str | os.PathLike, channel: channels
     if not rels:
         raise DataError(src, f"no image files found (looked for names ending in {', '.join(IMAGE_EXTENSIONS)})")
     for r in rels:
-        if (src / r).is_symlink() and _inside((src / r).resolve(), dst):
-            raise ValueError(f"{src / r}: symbolic link into DST_DIR ({(src / r).resolve()}); SRC_DIR and "
-                             "DST_DIR must not overlap")
+        target = _link_target(src / r) if (src / r).is_symlink() else None
+        if target is not None and _inside(target, dst):
+            raise ValueError(f"{src / r}: symbolic link into DST_DIR ({target}); SRC_DIR and DST_DIR must not overlap")
     try:
         dst.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=dst))

@@ -327,6 +327,12 @@ def test_cli_never_writes_through_symlinks(tmp_path, capsys):
     assert cli.main(["--overwrite", str(src), str(dst)]) == 0
     assert keep.read_bytes() == b"keep me"
     assert not link.is_symlink() and ch.is_jpeg(link.read_bytes())
+    # a symbolic link loop in DST is refused, not a traceback
+    loop = dst / "loop"
+    loop.symlink_to(loop)
+    assert cli.main(["--overwrite", str(src), str(dst)]) == 2
+    assert "symbolic link loop" in capsys.readouterr().err
+    loop.unlink()
     # DST itself a symbolic link
     alias = tmp_path / "alias"
     alias.symlink_to(dst)
