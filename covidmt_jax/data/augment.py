@@ -35,6 +35,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from covidmt_jax.data.channel_augment import channel_augment, check_channel_options
+
 __all__ = [
     "AffineParams",
     "AugmentConfig",
@@ -86,8 +88,16 @@ class AugmentConfig:
     hflip: bool = True
     intensity_shift: float = 0.1
     min_box_area: float = 0.2
+    #: the messaging channel as augmentation (:mod:`covidmt_jax.data.channel_augment`):
+    #: probability, JPEG-quality range, long-side scale range; ``channel_p = 0`` = off
+    channel_p: float = 0.0
+    channel_quality: tuple = (30, 95)
+    channel_scale: tuple = (0.5, 1.0)
 
     def __post_init__(self):
+        check_channel_options(self.channel_p, self.channel_quality, self.channel_scale)
+        object.__setattr__(self, "channel_quality", tuple(int(v) for v in self.channel_quality))
+        object.__setattr__(self, "channel_scale", tuple(float(v) for v in self.channel_scale))
         for f in ("translate", "rotate_deg", "zoom", "intensity_shift"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v >= 0):
@@ -103,7 +113,7 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.geometric or bool(self.intensity_shift)
+        return self.geometric or bool(self.intensity_shift) or bool(self.channel_p)
 
     @classmethod
     def from_any(cls, cfg: "AugmentConfig | Mapping[str, Any] | None") -> "AugmentConfig":
@@ -267,6 +277,9 @@ def augment_sample(sample: Mapping[str, Any], rng: np.random.Generator,
     image, mask, moved = apply_affine(sample["image"], params, mask=sample.get("mask"), boxes=boxes,
                                       min_box_area=cfg.min_box_area)
     out["image"] = intensity_shift(image, rng, cfg.intensity_shift) if cfg.intensity_shift else image
+    if cfg.channel_p:
+        out["image"] = channel_augment(out["image"], rng, p=cfg.channel_p, quality=cfg.channel_quality,
+                                       scale=cfg.channel_scale)
     if mask is not None:
         out["mask"] = mask
     if moved is not None:

@@ -47,3 +47,5 @@ from covidmt_jax.data.sources import covidx, folder, lungs, nih, rsna, wacxr  # 
 from covidmt_jax.data.sources import synthetic  # noqa: E402,F401  (synthetic_* phantom sources)
 
 from covidmt_jax.data.sources import tfds_source  # noqa: E402,F401  ("tfds": TFDS builds, tfds imported lazily)
+
+from covidmt_jax.data.sources import study  # noqa: E402,F401  (study_covid, study_tb: the real-film study's sets)
