@@ -5,7 +5,7 @@ Throughput (``--sizes``, default 512 px): one batch of ``--batch`` (original, tr
 of random normalised grey images that are already in host memory (decoding is not timed), per
 step:
 
-- JAX: :class:`covidmt_jax.score.Scorer` exactly as the job calls it — host -> device, the ONE
+- JAX: :class:`covidmt_jax.scoring.step.Scorer` exactly as the job calls it — host -> device, the ONE
   jitted step (ResNet-50 features -> COVID logit -> sigmoid -> Grad-CAM of the predicted
   decision -> U-Net lung probabilities -> IOL, originals and transmitted images together as
   ``[2B, S, S, 1]``), device -> host of the per-image scalars.
@@ -20,7 +20,7 @@ step:
 Both models are randomly initialised (speed does not depend on the weights). Reported: pairs/s
 = batch / median step time, ms per step (median; min-max), JAX compile seconds.
 
-Memory (``--memory-pairs 100,1000``): the whole job (:func:`covidmt_jax.score.score_pairs`:
+Memory (``--memory-pairs 100,1000``): the whole job (:func:`covidmt_jax.scoring.job.score_pairs`:
 synthetic pairs through the WhatsApp preset, decoding threads, the fused step, CSV rows,
 summary, report, gallery) in a fresh subprocess per pair count, at ``--memory-size`` px with
 ``--memory-backbone``; peak RSS from ``getrusage(RUSAGE_SELF).ru_maxrss``. Flat memory means
@@ -81,7 +81,7 @@ def jax_models(backbone: str, size: int, unet_width: int, unet_depth: int, seed:
     """``({"model": (classifier, Head)}, LungSegmenter)`` with random weights."""
     from covidmt_jax import models
     from covidmt_jax.lungs import LungSegmenter
-    from covidmt_jax.score import Head
+    from covidmt_jax.scoring.loading import Head
     clf = models.create(backbone, num_classes=1, in_channels=1, rngs=seed)
     unet = models.create("unet", num_classes=1, in_channels=1, depth=unet_depth,
                          base_width=unet_width, rngs=seed + 1)
@@ -91,7 +91,7 @@ def jax_models(backbone: str, size: int, unet_width: int, unet_depth: int, seed:
 def bench_jax(size: int, batch: int, *, steps: int, warmup: int, backbone: str, unet_width: int,
               unet_depth: int) -> dict[str, Any]:
     import jax
-    from covidmt_jax.score import Scorer
+    from covidmt_jax.scoring.step import Scorer
     classifiers, lungs = jax_models(backbone, size, unet_width, unet_depth)
     scorer = Scorer(classifiers, lungs, size, batch)
     rng = np.random.default_rng(0)
@@ -200,10 +200,10 @@ def memory_job(n_pairs: int, size: int, backbone: str, unet_width: int, unet_dep
                batch: int, workdir: str) -> dict[str, Any]:
     """One scoring job on ``n_pairs`` synthetic pairs (this process); peak RSS in MB."""
     import logging
-    from covidmt_jax import score
+    from covidmt_jax.scoring import config, job
     logging.basicConfig(level=logging.WARNING)
-    cfg = score.base_config()
-    cfg.classifiers = {"model": score.classifier_entry("export", "(in memory)")}
+    cfg = config.base_config()
+    cfg.classifiers = {"model": config.classifier_entry("export", "(in memory)")}
     cfg.lungs = "(in memory)"
     cfg.pairs.source = "synthetic_pairs"
     cfg.pairs.kwargs = {"n": n_pairs, "size": size, "channel": "whatsapp"}
@@ -218,7 +218,7 @@ def memory_job(n_pairs: int, size: int, backbone: str, unet_width: int, unet_dep
     sampler = _RssSampler()
     t0 = time.perf_counter()
     with sampler:
-        summary = score.score_pairs(cfg, workdir, models=loaded)
+        summary = job.score_pairs(cfg, workdir, models=loaded)
     wall = time.perf_counter() - t0
     return {"pairs": n_pairs, "size": size, "backbone": backbone, "rss_job_start_mb": sampler.start_mb,
             "rss_job_peak_mb": sampler.peak_mb, "rss_job_end_mb": sampler.end_mb,

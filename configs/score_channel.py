@@ -16,7 +16,7 @@ Arguments: ``root`` (image folder, required), ``model`` (export dirs, ``+``-sepa
 (the positive class folder), ``lungs``, ``size`` (512), ``batch`` (16), ``limit``.
 """
 from covidmt_jax.config_lib import parse_arg
-from covidmt_jax.score import base_config, classifier_entry
+from covidmt_jax.scoring.config import base_config, classifier_entry
 
 
 def get_config(arg=None):

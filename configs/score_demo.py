@@ -8,7 +8,7 @@ default: the shipped segmenter), ``n`` pairs (200), ``size`` (phantom and model 
 ``channel`` (whatsapp), ``quality`` (the preset's), ``name`` (model label in the report).
 """
 from covidmt_jax.config_lib import parse_arg
-from covidmt_jax.score import synthetic_config
+from covidmt_jax.scoring.config import synthetic_config
 
 
 def get_config(arg=None):

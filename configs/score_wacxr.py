@@ -14,7 +14,7 @@ labels in the report, ``+``-separated; default: ``model0``, ``model1`` ... or th
 from pathlib import Path
 
 from covidmt_jax.config_lib import parse_arg
-from covidmt_jax.score import base_config, classifier_entry
+from covidmt_jax.scoring.config import base_config, classifier_entry
 
 
 def get_config(arg=None):

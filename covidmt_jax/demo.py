@@ -35,7 +35,7 @@ def demo_train_config(model: str, *, size: int, n: int, shortcut: float, steps: 
 
 
 def demo_score_config(models: dict[str, Path], *, size: int, n_pairs: int, lungs: str):
-    from covidmt_jax.score import synthetic_config
+    from covidmt_jax.scoring.config import synthetic_config
     # test phantoms: the corner marker is present at random, independent of the label (0.5)
     c = synthetic_config({k: str(v) for k, v in models.items()}, size=size, n=n_pairs, lungs=lungs,
                          gallery=4, seed=1, split="test", shortcut_strength=0.5)
@@ -134,7 +134,7 @@ def write_report(workdir: Path, train_summaries: dict[str, dict], score_summary:
 
 
 def run(args) -> Path:
-    from covidmt_jax import score, train
+    from covidmt_jax import scoring, train
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -154,7 +154,7 @@ def run(args) -> Path:
     t = time.time()
     score_dir = workdir / "score"
     scfg = demo_score_config(exports, size=args.size, n_pairs=args.pairs, lungs=args.lungs)
-    score.run(scfg, score_dir)
+    scoring.run(scfg, score_dir)
     timings["score"] = time.time() - t
     score_summary = json.loads((score_dir / "summary.json").read_text())
     path = write_report(workdir, summaries, score_summary, score_dir, names, timings, args)

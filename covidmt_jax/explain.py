@@ -50,6 +50,7 @@ dict, or one task's columns of COVIDMT's ``[B, n_classification_tasks]``).
 """
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from typing import Any, Callable, Sequence
 
@@ -191,10 +192,93 @@ def _logit_fn(model: nnx.Module, feats: dict, layer: str, output: Callable | Non
         f"features_from(layer, act)")
 
 
+# ----------------------------------------------------------------------------- the computation
+def _cotangent(logits: jax.Array, targets: jax.Array | None, cotangent: Callable | None) -> jax.Array:
+    """The weights of the logit columns whose gradient is taken: ``[B, N]`` or ``[B, K, N]``."""
+    n_out = logits.shape[1]
+    if cotangent is not None:
+        cot = jnp.asarray(cotangent(logits))
+        if cot.shape != logits.shape:
+            raise ValueError(f"cotangent(logits) must have the logits' shape {tuple(logits.shape)}, "
+                             f"got {tuple(cot.shape)}")
+        return cot.astype(logits.dtype)
+    if targets is None:
+        if n_out == 1:  # BinaryClassifierOutputTarget(predicted decision)
+            return jnp.where(logits >= 0, 1.0, -1.0).astype(logits.dtype)
+        return jax.nn.one_hot(jnp.argmax(logits, axis=1), n_out, dtype=logits.dtype)  # argmax
+    return jax.nn.one_hot(targets, n_out, dtype=logits.dtype)  # [B, N] or [B, K, N]
+
+
+def _gradcam_traced(model: nnx.Module, images: jax.Array, targets: jax.Array | None, layer: str,
+                    method: str, output: Callable | None, cotangent: Callable | None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(cams, raw, logits)``: the whole computation as one traceable function (checked
+    arguments; ``targets`` already normalised)."""
+    H, W = images.shape[1:3]
+    feats = model.features(images)
+    if layer not in feats:
+        raise ValueError(f"unknown Grad-CAM layer {layer!r} for {type(model).__name__}; "
+                         f"features(x) has {sorted(feats)}")
+    act = feats[layer]
+    logits, vjp_fn = jax.vjp(_logit_fn(model, feats, layer, output), act)
+    cot = _cotangent(logits, targets, cotangent)
+    if cot.ndim == 2:
+        (grads,) = vjp_fn(cot)
+        raw = cam_from_grads(act, grads, method)                          # [B, h, w]
+    else:
+        (grads,) = jax.vmap(vjp_fn)(jnp.moveaxis(cot, 1, 0))              # [K, B, h, w, C]
+        raw = jax.vmap(lambda g: cam_from_grads(act, g, method))(grads)   # [K, B, h, w]
+        raw = jnp.moveaxis(raw, 0, 1)                                     # [B, K, h, w]
+    return finalize_cam(raw, (H, W)), raw, logits
+
+
+def _jit_gradcam(graphdef: Any, layer: str, method: str, output: Callable | None,
+                 cotangent: Callable | None) -> Callable:
+    """A jitted ``f(state, images, targets) -> (cams, raw, logits)`` for one model graph and CAM
+    settings (jit keeps one executable per input shape / dtype / target form). The parameters
+    are an argument, never captured: a model trained or reloaded later is seen."""
+    @jax.jit
+    def run(state, images, targets):
+        return _gradcam_traced(nnx.merge(graphdef, state), images, targets, layer, method, output,
+                               cotangent)
+    return run
+
+
+# model -> {(layer, method, output, cotangent): (graphdef, jitted fn)}. Keyed weakly by the
+# model object (a GraphDef may hold dicts and is then unhashable); a hit also needs an equal
+# graphdef, so a model whose structure changed is compiled anew. At most _PER_MODEL settings
+# per model are kept (a new lambda per call would otherwise grow it without bound).
+_COMPILED: "weakref.WeakKeyDictionary[nnx.Module, dict]" = weakref.WeakKeyDictionary()
+_PER_MODEL = 8
+
+
+def _compiled(model: nnx.Module, graphdef: Any, layer: str, method: str,
+              output: Callable | None, cotangent: Callable | None) -> Callable:
+    entries = _COMPILED.setdefault(model, {})
+    key = (layer, method, output, cotangent)
+    hit = entries.get(key)
+    if hit is not None and hit[0] == graphdef:
+        return hit[1]
+    fn = _jit_gradcam(graphdef, layer, method, output, cotangent)
+    entries.pop(key, None)
+    while len(entries) >= _PER_MODEL:
+        entries.pop(next(iter(entries)))
+    entries[key] = (graphdef, fn)
+    return fn
+
+
+def _is_traced(model: nnx.Module, images: Any) -> bool:
+    """Whether the call happens inside a transformation (jit, vmap, grad) of the caller."""
+    if isinstance(images, jax.core.Tracer):
+        return True
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(model)))
+
+
 # ----------------------------------------------------------------------------- public API
 def gradcam(model: nnx.Module, images: jax.Array, targets: Targets = None, layer: str | None = None,
             *, method: str = "gradcam", output: Callable | None = None,
-            return_raw: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+            cotangent: Callable | None = None, return_raw: bool = False,
+            return_logits: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """Class activation maps of ``model`` on ``images``.
 
     Args:
@@ -204,11 +288,22 @@ def gradcam(model: nnx.Module, images: jax.Array, targets: Targets = None, layer
       layer: key of ``model.features(x)``; ``None`` means ``"last_conv"``.
       method: ``"gradcam"``, ``"gradcampp"`` or ``"hirescam"``.
       output: optional ``f(pool_and_classify(...)) -> [B, N]`` logits selector.
+      cotangent: optional pure ``f(logits [B, N]) -> [B, N]``: the weight of every logit column
+        in the differentiated score, per image, computed from the logits themselves (e.g. the
+        scoring job's "CAM of the predicted decision at this model's threshold": ``+1`` / ``-1``
+        on the COVID column). Replaces ``targets`` (give one or the other).
       return_raw: also return the raw CAM before ReLU, normalisation and resizing.
+      return_logits: also return the ``[B, N]`` logits (after ``output``).
 
     Returns float32 ``[B, H, W]`` (``[B, K, H, W]`` for ``[B, K]`` targets) in ``[0, 1]``; with
-    ``return_raw`` a pair ``(cams, raw)``, raw ``[B, h, w]`` / ``[B, K, h, w]`` at the layer's
-    resolution (the channel-weighted sum, pre-ReLU).
+    ``return_raw`` / ``return_logits`` a tuple ``(cams, [raw], [logits])``, raw ``[B, h, w]`` /
+    ``[B, K, h, w]`` at the layer's resolution (the channel-weighted sum, pre-ReLU).
+
+    Called on concrete arrays, the whole computation runs as one compiled program, cached per
+    model graph (``nnx.split``), layer, method, ``output`` / ``cotangent`` function and input
+    shape / dtype; the parameters are passed on every call, so later weight updates are seen.
+    Pass the same ``output`` / ``cotangent`` function object to reuse a compiled program (a
+    new lambda per call compiles anew). Inside ``jax.jit`` / ``vmap`` it is traced inline.
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {METHODS}")
@@ -216,34 +311,20 @@ def gradcam(model: nnx.Module, images: jax.Array, targets: Targets = None, layer
     if images.ndim != 4 or (in_ch is not None and images.shape[-1] != in_ch):
         raise ValueError(f"gradcam expects images [B, H, W, {in_ch or 'C'}] (NHWC), "
                          f"got shape {tuple(images.shape)}")
-    batch, H, W = images.shape[:3]
+    if cotangent is not None and targets is not None:
+        raise ValueError("give targets or cotangent, not both")
     layer = LAST_CONV if layer is None else layer
-    feats = model.features(images)
-    if layer not in feats:
-        raise ValueError(f"unknown Grad-CAM layer {layer!r} for {type(model).__name__}; "
-                         f"features(x) has {sorted(feats)}")
-    act = feats[layer]
-    logits, vjp_fn = jax.vjp(_logit_fn(model, feats, layer, output), act)
-    n_out = logits.shape[1]
-    t = _normalise_targets(targets, batch)
-    if t is None:
-        if n_out == 1:  # BinaryClassifierOutputTarget(predicted decision)
-            cot = jnp.where(logits >= 0, 1.0, -1.0).astype(logits.dtype)
-        else:           # ClassifierOutputTarget(argmax)
-            cot = jax.nn.one_hot(jnp.argmax(logits, axis=1), n_out, dtype=logits.dtype)
+    t = _normalise_targets(targets, images.shape[0])
+    if _is_traced(model, images):
+        cams, raw, logits = _gradcam_traced(model, images, t, layer, method, output, cotangent)
     else:
-        _check_target_range(t, n_out)
-        cot = jax.nn.one_hot(t, n_out, dtype=logits.dtype)  # [B, N] or [B, K, N]
-
-    if cot.ndim == 2:
-        (grads,) = vjp_fn(cot)
-        raw = cam_from_grads(act, grads, method)                          # [B, h, w]
-    else:
-        (grads,) = jax.vmap(vjp_fn)(jnp.moveaxis(cot, 1, 0))              # [K, B, h, w, C]
-        raw = jax.vmap(lambda g: cam_from_grads(act, g, method))(grads)   # [K, B, h, w]
-        raw = jnp.moveaxis(raw, 0, 1)                                     # [B, K, h, w]
-    cams = finalize_cam(raw, (H, W))
-    return (cams, raw) if return_raw else cams
+        graphdef, state = nnx.split(model)
+        cams, raw, logits = _compiled(model, graphdef, layer, method, output, cotangent)(
+            state, jnp.asarray(images), t)
+    if t is not None:
+        _check_target_range(t, logits.shape[1])
+    extra = ((raw,) if return_raw else ()) + ((logits,) if return_logits else ())
+    return (cams, *extra) if extra else cams
 
 
 def gradcampp(model: nnx.Module, images: jax.Array, targets: Targets = None,
@@ -260,7 +341,8 @@ def hirescam(model: nnx.Module, images: jax.Array, targets: Targets = None,
 
 def make_cam_fn(model: nnx.Module, *, method: str = "gradcam", layer: str | None = None,
                 output: Callable | None = None, return_raw: bool = False) -> Callable:
-    """A jitted ``fn(images [B, H, W, C], targets=None) -> cams`` for ``model``.
+    """A jitted ``fn(images [B, H, W, C], targets=None) -> cams`` for ``model`` (the program
+    :func:`gradcam` itself compiles and caches; this form skips the per-call ``nnx.split``).
 
     The model is split once into graph and state (``nnx.split``); every call re-reads the model's
     current state (so weights loaded or trained later are used) and runs one compiled program per
@@ -268,12 +350,9 @@ def make_cam_fn(model: nnx.Module, *, method: str = "gradcam", layer: str | None
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {METHODS}")
+    layer = LAST_CONV if layer is None else layer
     graphdef, _ = nnx.split(model)
-
-    @jax.jit
-    def _run(state, images, targets):
-        return gradcam(nnx.merge(graphdef, state), images, targets, layer, method=method,
-                       output=output, return_raw=return_raw)
+    run = _jit_gradcam(graphdef, layer, method, output, None)
 
     def cam_fn(images: jax.Array, targets: Targets = None):
         images = jnp.asarray(images)
@@ -282,6 +361,7 @@ def make_cam_fn(model: nnx.Module, *, method: str = "gradcam", layer: str | None
             n_out = getattr(model, "num_classes", None)
             if output is None and n_out:
                 _check_target_range(t, n_out)
-        return _run(nnx.state(model), images, t)
+        cams, raw, _ = run(nnx.state(model), images, t)
+        return (cams, raw) if return_raw else cams
 
     return cam_fn

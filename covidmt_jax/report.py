@@ -1,4 +1,4 @@
-"""Summaries and reports of a scoring job (:mod:`covidmt_jax.score`).
+"""Summaries and reports of a scoring job (:mod:`covidmt_jax.scoring`).
 
 - :func:`summarize` — per-model scores from the per-pair rows: PI with its exact binomial
   (Clopper-Pearson) 95 % interval, the flip directions and McNemar's test on them, OLS on
@@ -96,7 +96,7 @@ def _pair_index(rows: Mapping[str, np.ndarray], model: str) -> dict[str, int]:
 def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta: float = 0.4,
                   n_boot: int | None = None, seed: int | None = None, alpha: float = 0.05,
                   method: str = "clopper-pearson") -> dict[str, Any]:
-    """Scores of ONE model from its rows (columns of :data:`covidmt_jax.score.ROW_COLUMNS`).
+    """Scores of ONE model from its rows (columns of :data:`covidmt_jax.scoring.rows.ROW_COLUMNS`).
 
     Every proportion carries a binomial interval (``method``: "clopper-pearson", the default,
     or "wilson"; :func:`covidmt_jax.metrics.binomial_ci`), ROC-AUC DeLong's, and the paired

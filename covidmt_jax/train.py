@@ -38,6 +38,9 @@ from flax import nnx
 
 from covidmt_jax import config_lib, models, parallel
 from covidmt_jax.checkpoint import TrainCheckpointer
+from covidmt_jax.cli import hms as _hms
+from covidmt_jax.cli import quiet_libraries, run_config_cli  # noqa: F401  (quiet_libraries: public here too)
+from covidmt_jax.data.records import DataError
 from covidmt_jax.export import save_model
 from covidmt_jax.tasks import Task, build_tasks, total_loss
 
@@ -484,50 +487,13 @@ def _image_hw(size) -> tuple[int, int]:
     return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 
 
-def _hms(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def quiet_libraries() -> None:
-    """Keep orbax / grain / absl INFO chatter out of the progress log."""
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("absl", "orbax", "grain", "jax._src", "tensorflow_datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def main(argv=None) -> None:
-    if argv is None:  # a command line (not an in-process call): tune glibc malloc for XLA:CPU
-        from covidmt_jax.cpu_malloc import reexec_for_cpu
-        reexec_for_cpu(sys.argv[1:], module="covidmt_jax.train")
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    flags_ = flags.FLAGS
-    # sys_argv: read --config.* overrides from argv, so in-process calls main([...]) work too
-    config_flags.DEFINE_config_file("config", None, "configs/<x>.py[:arg]", lock_config=True,
-                                    sys_argv=argv if argv is not None else sys.argv)
-    flags.DEFINE_string("workdir", None, "run directory (re-use it to resume)")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(_):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                            stream=sys.stdout, force=True)
-        quiet_libraries()
-        from covidmt_jax.data.records import DataError
-        try:
-            train(flags_.config, flags_.workdir)
-        except config_lib.ConfigError as e:
-            raise app.UsageError(f"bad config: {e}") from None
-        except DataError as e:  # an unreadable input file: one line, no traceback
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    app.run(_main, argv=argv)
+def main(argv: list[str] | None = None) -> int:
+    """Run the training CLI on ``argv`` (``argv[0]`` = program name; None = the command line);
+    returns the exit status (:func:`covidmt_jax.cli.run_config_cli`)."""
+    return run_config_cli(train, module="covidmt_jax.train", config_help="configs/<x>.py[:arg]",
+                          workdir_help="run directory (re-use it to resume)", argv=argv,
+                          input_errors=(DataError,))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from covidmt_jax import metrics, report
-from covidmt_jax.score import ROW_COLUMNS, RowStore
+from covidmt_jax.scoring.rows import ROW_COLUMNS, RowStore
 
 
 def _rows(n_ok=10, model="m"):

@@ -1,0 +1,353 @@
+"""The scoring job: start-up checks, the resumable loop over batches, summary, report, galleries.
+
+Resume is decided by content, never by names alone:
+
+- ``WORKDIR/job.json`` holds the job's fingerprint (:func:`fingerprint`): the digests of every
+  loaded model (classifiers and lung segmenters, :func:`model_digest`) and the config fields that
+  change a row's values (:func:`settings`). It is written only after a successful start (models
+  loaded, pairs listed, step built), so a typo in ``model=`` or ``root=`` leaves nothing behind.
+- A rerun whose fingerprint differs REFUSES (``ConfigError``) and names every difference (e.g.
+  "classifier 'resnet18' parameters changed"): re-scoring silently would replace published
+  figures, and mixing would report rows of two models as one. Score into a new ``--workdir``,
+  or delete the old rows and ``job.json`` to start over in place.
+- Each row stores the signature of its pair's input files
+  (:func:`covidmt_jax.scoring.pairs.input_signature`); a pair whose files changed since is
+  re-scored, and so is every error row (a repaired image gets its score).
+- Rows are keyed by ``pair_id``. Summary, report and galleries cover exactly the pairs selected
+  now (``pairs.limit``; deleted pairs dropped, added pairs scored); ``index`` is each pair's
+  current position in the source. At the end the row store is compacted: one row per
+  (pair, model), rows of pairs no longer in the source removed.
+- A job killed at any point (``kill -9``) resumes without duplicates: rows are appended batch by
+  batch, the latest row of a key wins, and the compaction is atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from covidmt_jax import parallel, report
+from covidmt_jax.cli import hms
+from covidmt_jax.config_lib import ConfigError
+from covidmt_jax.lungs import LungSegmenter
+from covidmt_jax.normalisation import denormalise
+from covidmt_jax.scoring import pairs as pairs_lib
+from covidmt_jax.scoring.config import validate, with_quality
+from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head, load_models
+from covidmt_jax.scoring.rows import INPUT_SIG, RowStore, pair_rows, row_columns, select
+from covidmt_jax.scoring.step import Scorer
+
+log = logging.getLogger("covidmt_jax.scoring")
+
+FINGERPRINT_VERSION = 2
+
+
+# ============================================================================ fingerprint
+def model_digest(model: nnx.Module, *extra: Any) -> str:
+    """SHA-256 (16 hex digits) of a loaded model: its class, every state array's path, dtype,
+    shape and bytes (the contents of ``params.safetensors`` as the model holds them; the
+    architecture in ``model.json`` fixes those paths and shapes), and ``extra`` values."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    for e in extra:
+        h.update(repr(e).encode())
+    return h.hexdigest()[:16]
+
+
+def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that change a row's values (paths of model files are not among them:
+    the models' contents are fingerprinted instead)."""
+    p = cfg.pairs
+    classifiers = {n: {k: v for k, v in e.to_dict().items() if k != "path"}
+                   for n, e in cfg.classifiers.items()}
+    return json.loads(json.dumps({
+        "classifiers": classifiers, "source": p.source,
+        "kwargs": p.kwargs.to_dict() if hasattr(p.kwargs, "to_dict") else dict(p.kwargs),
+        "channel": p.channel, "quality": p.quality, "label": p.label,
+        "max_aspect_diff": p.max_aspect_diff, "image_size": cfg.image_size, "dtype": cfg.dtype,
+        "cam": cfg.cam.to_dict(), "threshold": cfg.threshold, "row_format": cfg.output.format},
+        default=str))
+
+
+def fingerprint(cfg: ml_collections.ConfigDict, classifiers: Mapping[str, tuple[nnx.Module, Head]],
+                lungs: Mapping[str, LungSegmenter]) -> dict[str, Any]:
+    """``{"version", "settings", "classifiers": {name: digest}, "lungs": {convention: digest}}``."""
+    return {"version": FINGERPRINT_VERSION, "settings": settings(cfg),
+            "classifiers": {n: model_digest(m) for n, (m, _) in classifiers.items()},
+            "lungs": {c: model_digest(s.model, s.input_size) for c, s in lungs.items()}}
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints (empty when equal)."""
+    if old.get("version") != new.get("version"):
+        return [f"fingerprint version {old.get('version')} -> {new.get('version')} (rows written "
+                "by another version of covidmt_jax)"]
+    out = []
+    so, sn = old.get("settings", {}), new.get("settings", {})
+    for k in sorted(set(so) | set(sn)):
+        if so.get(k) != sn.get(k):
+            out.append(f"config {k}: {json.dumps(so.get(k))} -> {json.dumps(sn.get(k))}")
+    for what, label in (("classifiers", "classifier"), ("lungs", "lung segmenter")):
+        o, n = old.get(what, {}), new.get(what, {})
+        for k in sorted(set(o) | set(n)):
+            if k not in n:
+                out.append(f"{label} {k!r} removed")
+            elif k not in o:
+                out.append(f"{label} {k!r} added")
+            elif o[k] != n[k]:
+                out.append(f"{label} {k!r} parameters changed (digest {o[k]} -> {n[k]})")
+    return out
+
+
+def check_job(workdir: Path, fp: Mapping[str, Any], rows_path: Path) -> bool:
+    """Raise ``ConfigError`` when ``workdir/job.json`` is another job's; returns whether it exists."""
+    path = workdir / "job.json"
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())["fingerprint"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); delete it and {rows_path.name} to start over") from None
+    changes = fingerprint_changes(old, fp)
+    if changes:
+        raise ConfigError(
+            f"{workdir} holds rows of a different job: {'; '.join(changes)}. Rows of different "
+            f"models or settings are never mixed: score into a new --workdir, or delete "
+            f"{path} and {rows_path} to re-score everything here")
+    return True
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (NaN / Inf -> null, ``report.jsonable``), written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report.jsonable(obj), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+# ============================================================================ the job
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, unit="pair", desc="scoring", file=sys.stderr, mininterval=1.0,
+                smoothing=0.1, disable=not enabled or jax.process_index() != 0)
+
+
+def _plan(store: RowStore, source, ids: Sequence[str], n: int, names: Sequence[str],
+          num_workers: int) -> tuple[set, dict[str, int]]:
+    """``(done, counts)``: the (pair_id, model) keys of the selected pairs whose stored row is
+    current (no error, same input signature now), and why the others are scored."""
+    rows = store.read()
+    selected = {pid: i for i, pid in enumerate(ids[:n])}
+    in_sel = np.asarray([pid in selected for pid in rows["pair_id"].tolist()], bool)
+    in_sel &= np.isin(rows["model"], list(names))
+    rows = select(rows, in_sel)
+    ok = rows["error"] == ""
+    wanted = sorted({selected[pid] for pid in rows["pair_id"][ok].tolist()})
+    now = pairs_lib.current_signatures(source, wanted, num_workers) if wanted else {}
+    done, counts = set(), {"errors_retried": 0, "inputs_changed": 0}
+    for pid, m, err, sig in zip(rows["pair_id"].tolist(), rows["model"].tolist(),
+                                rows["error"].tolist(), rows[INPUT_SIG].tolist()):
+        if err:
+            counts["errors_retried"] += 1
+        elif not sig or now.get(selected[pid]) != sig:
+            counts["inputs_changed"] += 1
+        else:
+            done.add((pid, m))
+    return done, counts
+
+
+def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quality: int = 0,
+                models: tuple[dict, Any] | None = None, mesh=None) -> dict[str, Any]:
+    """Run (or resume) one scoring job into ``workdir``; returns the summary (``{}`` on
+    processes other than 0). ``models``: ``(classifiers, lungs)`` already loaded
+    (:func:`covidmt_jax.scoring.loading.load_models`)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    jcfg = with_quality(cfg, quality)
+    # --- start: everything that can fail on a bad config happens before job.json is written
+    classifiers, lungs = models if models is not None else load_models(cfg)
+    if isinstance(lungs, LungSegmenter):
+        lungs = {DEFAULT_LUNGS: lungs}
+    names, conventions = list(classifiers), list(lungs)
+    source = pairs_lib.build_source(cfg.pairs, quality)
+    channel = pairs_lib.source_channel(cfg.pairs, quality)
+    label_col = pairs_lib.label_column(source, cfg.pairs.label)
+    store = RowStore(workdir, cfg.output.format, row_columns(conventions))
+    fp = fingerprint(jcfg, classifiers, lungs)
+    existed = check_job(workdir, fp, store.path)
+    scorer = Scorer(classifiers, lungs, cfg.image_size, cfg.batch_size, method=cfg.cam.method,
+                    cam_threshold=cfg.cam.cam_threshold, mesh=mesh)
+    p = jax.process_index()
+    if not existed and p == 0:
+        write_json(workdir / "job.json", {"fingerprint": fp})
+
+    ids = list(source.ids)
+    n = len(ids) if cfg.pairs.limit < 0 else min(int(cfg.pairs.limit), len(ids))
+    done, counts = _plan(store, source, ids, n, names, cfg.num_workers)
+    todo = [(i, ids[i]) for i in range(n) if any((ids[i], m) not in done for m in names)]
+    log.info("%s: %d pairs selected, %d to score (%d error rows retried, %d rows with changed "
+             "inputs), %d classifier(s) %s, %d device(s)", source.name, n, len(todo),
+             counts["errors_retried"], counts["inputs_changed"], len(names), names,
+             jax.device_count())
+
+    # Each process loads its share of every global batch (one process: all of it).
+    lb = scorer.local_batch
+    global_b = lb * jax.process_count()
+    starts = range(0, len(todo), global_b)
+    sizes = [min(global_b, len(todo) - s0) for s0 in starts]
+    mine_items = [it for s0 in starts for it in todo[s0:s0 + global_b][p * lb:(p + 1) * lb]]
+    mine_counts = [len(todo[s0:s0 + global_b][p * lb:(p + 1) * lb]) for s0 in starts]
+
+    def load(i: int, pid: str) -> pairs_lib.Loaded:
+        return pairs_lib.load_one(source, i, pid, cfg.image_size, channel, label_col,
+                                  cfg.pairs.max_aspect_diff)
+
+    bar = _progress(len(todo), cfg.progress)
+    start = time.time()
+    n_done = 0
+    s = scorer.image_size
+    batches = pairs_lib.prefetch_batches(load, mine_items, mine_counts, cfg.num_workers)
+    for bi, (mine, n_batch) in enumerate(zip(batches, sizes)):
+        good = [it for it in mine if not it.error]
+        xo = np.stack([it.original for it in good]) if good else np.zeros((0, s, s, 1), np.float32)
+        xt = np.stack([it.transmitted for it in good]) if good else np.zeros((0, s, s, 1), np.float32)
+        orig, trans = scorer(xo, xt)  # always called: every process runs every step
+        rows, k = [], 0
+        for it in mine:
+            if it.error:
+                rows.extend(pair_rows(it, names, scorer.heads, None, None, 0, conventions))
+            else:
+                rows.extend(pair_rows(it, names, scorer.heads, orig, trans, k, conventions))
+                k += 1
+        rows = [r for r in rows if (r["pair_id"], r["model"]) not in done]
+        if p == 0:
+            store.append(rows)
+        n_done += n_batch
+        bar.update(n_batch)
+        if cfg.log_every and ((bi + 1) % cfg.log_every == 0 or n_done == len(todo)):
+            rate = n_done / max(time.time() - start, 1e-9)
+            log.info("scored %d/%d pairs  %.2f pairs/s  ETA %s", n_done, len(todo), rate,
+                     hms((len(todo) - n_done) / max(rate, 1e-9)))
+    bar.close()
+    wall = time.time() - start
+    if p != 0:
+        return {}
+
+    # --- the rows of this job now: one per (pair, model), current positions, selected pairs
+    position = {pid: i for i, pid in enumerate(ids)}
+    rows = store.read()
+    keep = np.asarray([pid in position for pid in rows["pair_id"].tolist()], bool)
+    rows = select(rows, keep & np.isin(rows["model"], names))
+    rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
+    store.compact(rows)
+    rows = select(rows, rows["index"] < n)
+    summary = report.summarize(rows, names, eta=cfg.eta, n_boot=cfg.n_boot, seed=cfg.seed,
+                               thresholds={m: classifiers[m][1].threshold for m in names})
+    summary["job"] = {"source": source.name, "n_pairs_selected": n, "scored_this_run": len(todo),
+                      "errors_retried": counts["errors_retried"],
+                      "inputs_changed": counts["inputs_changed"],
+                      "wall_s": wall, "pairs_per_s": len(todo) / wall if wall > 0 and todo else None,
+                      "image_size": int(cfg.image_size), "cam_method": cfg.cam.method,
+                      "cam_threshold": float(cfg.cam.cam_threshold), "eta": float(cfg.eta),
+                      "lung_conventions": conventions,
+                      "channel": channel.describe() if channel is not None else
+                      getattr(getattr(source, "channel", None), "describe", lambda: "")(),
+                      "quality": int(quality or cfg.pairs.quality or 0) or None,
+                      "devices": jax.device_count(), "rows": str(store.path),
+                      # files the source itself rejected while listing (on_error="skip")
+                      "source_skipped": len(getattr(source, "skipped", ()) or ()),
+                      "source_skipped_examples": [f"{a}: {b}" for a, b in
+                                                  list(getattr(source, "skipped", ()) or ())[:5]]}
+    gallery = gallery_maps(cfg, scorer, source, channel, label_col, rows, names)
+    report.write_report(workdir, summary, rows, gallery)
+    write_json(workdir / "summary.json", summary)
+    log.info("wrote %s, %s", workdir / "summary.json", workdir / "report.md")
+    return summary
+
+
+def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[str, np.ndarray],
+                 names: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
+    """For each model, ``{"flipped": [...], "random": [...]}`` panels (images, CAMs, lung
+    probabilities, probabilities) of the first ``gallery.flipped`` flipped pairs and a seeded
+    random sample of ``gallery.random`` scored pairs, recomputed for those pairs only. ``rows``
+    must hold each pair's CURRENT ``index`` in ``source``."""
+    sel: dict[str, dict[str, list[int]]] = {}
+    rng = np.random.default_rng(cfg.seed)
+    for m in names:
+        ok = (rows["model"] == m) & (rows["error"] == "")
+        flipped = np.sort(rows["index"][ok & (rows["flip"] == 1)])[:int(cfg.gallery.flipped)]
+        pool = np.sort(rows["index"][ok])
+        k = min(int(cfg.gallery.random), len(pool))
+        rand = np.sort(rng.choice(pool, size=k, replace=False)) if k else np.zeros(0, np.int64)
+        sel[m] = {"flipped": flipped.tolist(), "random": rand.tolist()}
+    wanted = sorted({i for s in sel.values() for v in s.values() for i in v})
+    if not wanted:
+        return {m: {"flipped": [], "random": []} for m in names}
+    ids = source.ids
+    panels: dict[int, dict] = {}
+    b = scorer.local_batch
+    for start in range(0, len(wanted), b):
+        items = [pairs_lib.load_one(source, i, ids[i], cfg.image_size, channel, label_col, 0.0)
+                 for i in wanted[start:start + b]]
+        items = [it for it in items if not it.error]
+        if not items:
+            continue
+        o, t = scorer(np.stack([it.original for it in items]),
+                      np.stack([it.transmitted for it in items]), return_maps=True)
+        for k, it in enumerate(items):
+            panels[it.index] = {
+                "pair_id": it.pair_id, "label": it.label,
+                "image_orig": np.clip(denormalise(it.original[..., 0]), 0, 1),
+                "image_trans": np.clip(denormalise(it.transmitted[..., 0]), 0, 1),
+                "lung_orig": o["lung_prob"][k], "lung_trans": t["lung_prob"][k],
+                **{f"{m}/{key}_{side}": d[m][key][k] for m in names for key in ("cam", "prob", "iol")
+                   for side, d in (("orig", o), ("trans", t))}}
+    out = {}
+    for m in names:
+        out[m] = {}
+        for kind, idx in sel[m].items():
+            out[m][kind] = [{"pair_id": panels[i]["pair_id"], "label": panels[i]["label"],
+                             "image_orig": panels[i]["image_orig"], "image_trans": panels[i]["image_trans"],
+                             "lung_orig": panels[i]["lung_orig"], "lung_trans": panels[i]["lung_trans"],
+                             **{f"{key}_{side}": panels[i][f"{m}/{key}_{side}"]
+                                for key in ("cam", "prob", "iol") for side in ("orig", "trans")},
+                             "threshold": scorer.heads[m].threshold}
+                            for i in idx if i in panels]
+    return out
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """The scoring job (and the JPEG-quality sweep when ``pairs.qualities`` is set)."""
+    validate(cfg)
+    parallel.maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    loaded = load_models(cfg)
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", json.loads(cfg.to_json_best_effort()))
+    if not cfg.pairs.qualities:
+        return score_pairs(cfg, workdir, models=loaded)
+    mesh = parallel.make_mesh()
+    per_quality = {}
+    for q in sorted(int(q) for q in cfg.pairs.qualities):
+        log.info("quality sweep: JPEG quality %d", q)
+        per_quality[q] = score_pairs(cfg, workdir / f"q{q:03d}", quality=q, models=loaded, mesh=mesh)
+    if jax.process_index() != 0:
+        return {}
+    sweep = {"qualities": sorted(per_quality), "per_quality": per_quality}
+    report.write_sweep_report(workdir, sweep)
+    write_json(workdir / "summary.json", sweep)
+    return sweep

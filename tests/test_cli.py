@@ -1,0 +1,71 @@
+"""The shared CLI runner (covidmt_jax.cli): config mistakes as one or two lines, exit status 2,
+tracebacks only on request; the same behaviour for train and score."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from covidmt_jax import cli, score
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = f"--config={ROOT / 'configs' / 'score_demo.py'}:model=/nonexistent/model"
+
+
+def _run(module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != cli.VERBOSE_ENV}
+    full_env.update(COVIDMT_NO_MALLOC_TUNING="1", PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_score_unknown_key_subprocess(tmp_path):
+    r = _run("covidmt_jax.score", DEMO, f"--workdir={tmp_path}", "--config.pairs.limt=3")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "Traceback" not in r.stderr, r.stderr
+    assert "limt" in r.stderr and "limit" in r.stderr and "config.pairs" in r.stderr
+    assert not (tmp_path / "job.json").exists()
+
+
+def test_train_wrong_type_subprocess_and_verbose_env(tmp_path):
+    cfg = f"--config={ROOT / 'configs' / 'demo.py'}"
+    r = _run("covidmt_jax.train", cfg, f"--workdir={tmp_path}", "--config.seed=abc")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    assert "config.seed" in r.stderr and "int" in r.stderr and "Traceback" not in r.stderr
+    r = _run("covidmt_jax.train", cfg, f"--workdir={tmp_path}", "--config.seed=abc",
+             **{cli.VERBOSE_ENV: "1"})
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def _in_process(capsys, *args: str) -> tuple[int, str]:
+    rc = score.main(["score", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_bad_values_name_the_key_and_choices(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    rc, err = _in_process(capsys, DEMO, f"--workdir={tmp_path}", "--config.cam.method=gradcm")
+    assert rc == 2 and "config.cam.method" in err and "'hirescam'" in err and "Traceback" not in err
+    rc, err = _in_process(capsys, DEMO, f"--workdir={tmp_path}", "--config.batch_size=many")
+    assert rc == 2 and "config.batch_size" in err and "int" in err
+    rc, err = _in_process(capsys, DEMO, f"--workdir={tmp_path}", "--config.gallery.flipped.x=1")
+    assert rc == 2 and "config.gallery.flipped" in err
+    rc, err = _in_process(capsys, f"--config={ROOT / 'configs' / 'score_demo.py'}:colour=red",
+                          f"--workdir={tmp_path}")
+    assert rc == 2 and "colour" in err and "model=DIR" in err and len(err.strip().splitlines()) <= 2
+    rc, err = _in_process(capsys, f"--config={tmp_path / 'missing.py'}", f"--workdir={tmp_path}")
+    assert rc == 2 and "missing.py" in err
+    rc, err = _in_process(capsys, DEMO)
+    assert rc == 2 and "--workdir" in err
+    rc, err = _in_process(capsys, DEMO, f"--workdir={tmp_path}", "--config.bogus=1", "--verbose")
+    assert rc == 2 and "Traceback" in err and "bogus" in err
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0:00:00"), (3725.9, "1:02:05"), (float("nan"), "?"),
+                                          (float("inf"), "?")])
+def test_hms(seconds, text):
+    assert cli.hms(seconds) == text
