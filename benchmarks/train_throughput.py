@@ -193,16 +193,17 @@ def bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: i
 
     from covidmt_jax import config_lib, models, parallel
     from covidmt_jax.tasks import build_tasks
-    from covidmt_jax.train import build_optimizer, make_train_step
+    from covidmt_jax.train import box_anchors, build_optimizer, make_train_step
 
     cfg = config_lib.base_config()  # the paper's recipe: Adam lr 2e-4, box loss options
     specs = model.task_specs
-    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()})
     if model.multitask:
         net = models.create("covidmt", backbone=model.backbone, tasks=specs, dtype=dtype,
                             rngs=nnx.Rngs(seed))
     else:
         net = models.create(model.backbone, num_classes=len(specs), dtype=dtype, rngs=nnx.Rngs(seed))
+    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()},
+                        anchors=box_anchors(net, specs, size))
     tx, _ = build_optimizer(cfg, steps_per_epoch=1000)
     optimizer = nnx.Optimizer(net, tx, wrt=nnx.Param)
     net.train()
@@ -210,8 +211,6 @@ def bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: i
     mesh = parallel.make_mesh(1)
     state_sh, batch_sh = parallel.state_shardings(state, mesh), parallel.data_sharding(mesh)
     state = jax.device_put(state, state_sh)
-    for t in tasks:
-        t.prepare(net, (size, size))
     host_batch = synthetic_batch(model, size, batch, seed=seed)
     dev_batch = parallel.global_batch(host_batch, batch_sh)
     step_fn = jax.jit(make_train_step(graphdef, tasks), in_shardings=(state_sh, batch_sh),

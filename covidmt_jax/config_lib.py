@@ -4,7 +4,7 @@ Configs are data (``get_config()`` returning an ``ml_collections.ConfigDict``); 
 reads them in one place. Layout::
 
     seed, epochs, total_steps (-1: from epochs), steps_per_epoch (-1: from data sizes)
-    tasks                  task names in order (see covidmt_jax.tasks.PAPER_TASKS)
+    tasks                  task names in order (see covidmt_jax.taskspec.PAPER_TASKS)
     task_options.<task>    per-task loss options (box: regression, l2; threshold ...)
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
     init.torch_weights, init.source     ImageNet initialisation from a user-given file
@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from covidmt_jax.tasks import KINDS, TaskSpec, paper_tasks, tasks_from_names
+from covidmt_jax import models
+from covidmt_jax.data.records import ON_ERROR
+from covidmt_jax.data.sources import SOURCES
+from covidmt_jax.taskspec import KINDS, TaskSpec, paper_tasks, tasks_from_names
 
 
 def dataset_entry(source: str, *, holdout: float = 0.0, holdout_part: str = "keep",
@@ -122,8 +125,6 @@ class ConfigError(ValueError):
 
 def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
     """Check a config before anything expensive happens; returns the task specs."""
-    from covidmt_jax import models
-    from covidmt_jax.data.sources import SOURCES
     try:
         tasks = tasks_from_names(c.tasks)
     except (ValueError, TypeError) as e:
@@ -159,7 +160,6 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
                 raise ConfigError(f"{where}.holdout must be in [0, 1)")
             if entry.get("holdout_part", "keep") not in ("keep", "hold"):
                 raise ConfigError(f"{where}.holdout_part must be 'keep' or 'hold'")
-    from covidmt_jax.data.records import ON_ERROR
     if c.data.get("on_error", "raise") not in ON_ERROR:
         raise ConfigError(f"config.data.on_error must be one of {ON_ERROR}, got {c.data.on_error!r}")
     if c.optimizer.name not in ("adam", "adamw", "sgd"):

@@ -19,66 +19,22 @@ its label (:func:`total_loss`). Batches follow docs/architecture.md: ``labels`` 
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("classification", "box", "segmentation")
+from covidmt_jax import metrics
+from covidmt_jax.models.heads import detect, encode_boxes, match_anchors
+from covidmt_jax.taskspec import (KINDS, LUNG_TASK, PAPER_TASKS, TaskSpec, paper_tasks,  # noqa: F401
+                                  tasks_from_names)
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """One task: ``name`` (output key), ``kind``, source ``dataset`` and the dataset's
-    ``label`` column it learns (e.g. NIH ``"Effusion"``, COVIDx ``"COVID-19"``)."""
-    name: str
-    kind: str
-    dataset: str
-    label: str = ""
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-
-
-PAPER_TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("covid", "classification", "covidx", "COVID-19"),
-    TaskSpec("box", "box", "rsna", "pneumonia"),
-    TaskSpec("infiltration", "classification", "nih", "Infiltration"),
-    TaskSpec("effusion", "classification", "nih", "Effusion"),
-    TaskSpec("atelectasis", "classification", "nih", "Atelectasis"),
-    TaskSpec("nodule", "classification", "nih", "Nodule"),
-)
-LUNG_TASK = TaskSpec("lungs", "segmentation", "lungs", "lung")
-_BY_NAME = {t.name: t for t in PAPER_TASKS + (LUNG_TASK,)}
-
-
-def paper_tasks(n: int = 6) -> tuple[TaskSpec, ...]:
-    """The first ``n`` tasks of the paper's ablation order (COVID, box, Infiltration, ...)."""
-    if not 1 <= n <= len(PAPER_TASKS):
-        raise ValueError(f"the paper's ablation has 1..{len(PAPER_TASKS)} tasks, got {n}")
-    return PAPER_TASKS[:n]
-
-
-def tasks_from_names(tasks: Sequence[TaskSpec | str | Mapping[str, str]]) -> list[TaskSpec]:
-    """Accept ``TaskSpec``s, names of known tasks, or dicts of ``TaskSpec`` fields."""
-    out = []
-    for t in tasks:
-        if isinstance(t, TaskSpec):
-            out.append(t)
-        elif isinstance(t, str):
-            if t not in _BY_NAME:
-                raise ValueError(f"unknown task {t!r}; known: {sorted(_BY_NAME)} "
-                                 "(or give a dict with name, kind, dataset, label)")
-            out.append(_BY_NAME[t])
-        else:
-            out.append(TaskSpec(**dict(t)))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate task names: {names}")
-    return out
+def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Element-wise binary cross-entropy of sigmoid ``logits`` against ``targets`` in [0, 1],
+    in the numerically stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (any shape)."""
+    return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
 
 
 def _masked_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
@@ -96,17 +52,16 @@ class Task(abc.ABC):
         self.column = column
         self.options = options
 
-    def prepare(self, model: Any, image_hw: tuple[int, int]) -> None:
-        """Shape-only set-up before training (e.g. anchors); nothing by default."""
-
     @abc.abstractmethod
     def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
-             model: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``(mean loss over the samples carrying this task's label, {name: aux scalar})``."""
+             weight_norm: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(mean loss over the samples carrying this task's label, {name: aux scalar})``.
+
+        ``weight_norm``: the model's ``task_weight_norms()[name]`` (a sum of squared weights
+        this task regularises), or None when the model has none for it."""
 
     @abc.abstractmethod
-    def eval_outputs(self, outputs: Mapping[str, Any], batch: Mapping[str, Any],
-                     model: Any = None) -> dict[str, np.ndarray]:
+    def eval_outputs(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Per-batch host values to collect (arrays are concatenated, lists extended)."""
 
     @abc.abstractmethod
@@ -119,21 +74,18 @@ class ClassificationTask(Task):
     averaged over the samples whose ``label_weight[:, column]`` is 1."""
     kind = "classification"
 
-    def loss(self, outputs, batch, model=None):
+    def loss(self, outputs, batch, weight_norm=None):
         logits = outputs[self.name].astype(jnp.float32)
         y = batch["labels"][:, self.column]
         w = batch["label_weight"][:, self.column]
-        # numerically stable BCE-with-logits
-        per_sample = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-        return _masked_mean(per_sample, w), {"n": jnp.sum(w)}
+        return _masked_mean(bce_with_logits(logits, y), w), {"n": jnp.sum(w)}
 
-    def eval_outputs(self, outputs, batch, model=None):
+    def eval_outputs(self, outputs, batch):
         w = np.asarray(batch["label_weight"][:, self.column]) > 0
         prob = 1.0 / (1.0 + np.exp(-np.asarray(outputs[self.name], np.float64)))
         return {"prob": prob[w], "label": np.asarray(batch["labels"][:, self.column])[w]}
 
     def summarize(self, collected):
-        from covidmt_jax import metrics
         threshold = float(self.options.get("threshold", 0.5))
         rep = metrics.classification_report(collected["label"], collected["prob"], threshold)
         return {k: float(rep[k]) for k in ("roc_auc", "sensitivity", "specificity", "accuracy")}
@@ -143,10 +95,9 @@ def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
                gamma: float = 2.0) -> jax.Array:
     """Element-wise sigmoid focal loss (Lin et al. 2017)."""
     p = jax.nn.sigmoid(logits)
-    ce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
     p_t = p * targets + (1 - p) * (1 - targets)
     a_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return a_t * ce * (1 - p_t) ** gamma
+    return a_t * bce_with_logits(logits, targets) * (1 - p_t) ** gamma
 
 
 class BoxTask(Task):
@@ -158,27 +109,36 @@ class BoxTask(Task):
     deltas of positive anchors (the paper; ``regression="smooth_l1"`` as an option) and
     objectness is the focal loss over non-ignored anchors, both normalised by the number of
     positives (at least 1). The task loss is their mean over box-dataset images, plus
-    ``l2 * sum(w**2)`` over the box-regression subnet's conv kernels (the paper's R(f^bbox)).
-    Options: ``regression`` ("squared" | "smooth_l1"), ``l2`` (1e-4), ``image_hw`` (needed
-    to build anchors), ``score_threshold`` for evaluation.
+    ``l2 * weight_norm``, the model's sum of squared box-regression kernels (the paper's
+    R(f^bbox), ``COVIDMT.task_weight_norms()``).
+
+    ``anchors``: ``[N_anchors, 4]`` xyxy pixels matching the box head's output at the
+    training image size (``COVIDMT.anchors((H, W))``; :func:`build_tasks` passes them).
+    Options: ``regression`` ("squared" | "smooth_l1"), ``l2`` (1e-4), ``score_threshold``
+    (evaluation: detections below it are dropped before NMS).
     """
     kind = "box"
 
-    def prepare(self, model, image_hw) -> None:
-        """Build the anchors for ``image_hw`` once, outside any trace."""
-        self._anchors(model, image_hw)
+    def __init__(self, spec: TaskSpec, column: int | None = None, *, anchors: Any = None,
+                 **options: Any):
+        super().__init__(spec, column, **options)
+        self.anchors = None if anchors is None else np.asarray(anchors, np.float32)
+        if self.anchors is not None and (self.anchors.ndim != 2 or self.anchors.shape[1] != 4):
+            raise ValueError(f"task {self.name!r}: anchors must be [N, 4] xyxy, got {self.anchors.shape}")
 
-    def _anchors(self, model, image_hw):
-        key = tuple(int(s) for s in image_hw)
-        cache = self.__dict__.setdefault("_anchor_cache", {})
-        if key not in cache:
-            cache[key] = jnp.asarray(model.anchors(key))
-        return cache[key]
+    def _anchors_for(self, n_out: int) -> jax.Array:
+        """The anchors as a jax array, checked against the head's ``n_out`` anchors."""
+        if self.anchors is None:
+            raise ValueError(f"task {self.name!r}: built without anchors; use build_tasks(specs, "
+                             "options, anchors=model.anchors((H, W))) with the training image size")
+        if self.anchors.shape[0] != n_out:
+            raise ValueError(f"task {self.name!r}: the box head outputs {n_out} anchors but the task "
+                             f"holds {self.anchors.shape[0]} (anchors built for another image size?)")
+        return jnp.asarray(self.anchors)
 
-    def loss(self, outputs, batch, model=None):
+    def loss(self, outputs, batch, weight_norm=None):
         out = outputs[self.name]
-        anchors = self._anchors(model, batch["image"].shape[1:3])
-        from covidmt_jax.models.heads import encode_boxes, match_anchors
+        anchors = self._anchors_for(out["objectness"].shape[1])
 
         def per_image(reg, obj, boxes, valid):
             matched, label = match_anchors(anchors, boxes, valid)
@@ -201,19 +161,14 @@ class BoxTask(Task):
                                            batch["boxes"], batch["box_valid"])
         w = batch["box_weight"]
         reg_m, obj_m = _masked_mean(reg_l, w), _masked_mean(obj_l, w)
-        l2 = jnp.float32(0.0)
         coef = float(self.options.get("l2", 1e-4))
-        if coef and model is not None:
-            subnet = model.box_head.box_subnet
-            kernels = [c.kernel[...] for c in subnet.convs] + [subnet.out.kernel[...]]
-            l2 = coef * sum(jnp.sum(k.astype(jnp.float32) ** 2) for k in kernels)
+        l2 = coef * weight_norm if coef and weight_norm is not None else jnp.float32(0.0)
         return reg_m + obj_m + l2, {"regression": reg_m, "objectness": obj_m, "l2": l2,
                                     "n": jnp.sum(w)}
 
-    def eval_outputs(self, outputs, batch, model=None):
-        from covidmt_jax.models.heads import detect
+    def eval_outputs(self, outputs, batch):
         out = outputs[self.name]
-        anchors = self._anchors(model, batch["image"].shape[1:3])
+        anchors = self._anchors_for(np.shape(out["objectness"])[1])
         det = detect(jnp.asarray(out["regression"]), jnp.asarray(out["objectness"]), anchors,
                      score_threshold=float(self.options.get("score_threshold", 0.3)))
         keep = np.asarray(batch["box_weight"]) > 0
@@ -225,7 +180,6 @@ class BoxTask(Task):
                 "gt_boxes": [gt[i][gt_valid[i]] for i in rows]}
 
     def summarize(self, collected):
-        from covidmt_jax import metrics
         return {"map": float(metrics.rsna_map(collected["pred_boxes"], collected["pred_scores"],
                                               collected["gt_boxes"]))}
 
@@ -235,20 +189,17 @@ class SegmentationTask(Task):
     ``[B, H, W, 1]`` vs ``batch["mask"]``; Dice at 0.5 for evaluation."""
     kind = "segmentation"
 
-    def loss(self, outputs, batch, model=None):
-        from covidmt_jax.metrics import soft_dice_loss
+    def loss(self, outputs, batch, weight_norm=None):
         logits = outputs[self.name].astype(jnp.float32)
         y = batch["mask"].astype(jnp.float32)
-        bce = jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))),
-                       axis=(1, 2, 3))
-        dice = soft_dice_loss(logits[..., 0], y[..., 0])
+        bce = jnp.mean(bce_with_logits(logits, y), axis=(1, 2, 3))
+        dice = metrics.soft_dice_loss(logits[..., 0], y[..., 0])
         w = batch.get("mask_weight", jnp.ones(logits.shape[0], jnp.float32))
         return _masked_mean(bce + dice, w), {"bce": _masked_mean(bce, w), "dice_loss": _masked_mean(dice, w)}
 
-    def eval_outputs(self, outputs, batch, model=None):
-        from covidmt_jax.metrics import dice
+    def eval_outputs(self, outputs, batch):
         prob = 1.0 / (1.0 + np.exp(-np.asarray(outputs[self.name], np.float32)))
-        return {"dice": np.asarray(dice(prob[..., 0], np.asarray(batch["mask"])[..., 0] > 0.5))}
+        return {"dice": np.asarray(metrics.dice(prob[..., 0], np.asarray(batch["mask"])[..., 0] > 0.5))}
 
     def summarize(self, collected):
         return {"dice": float(np.mean(collected["dice"]))}
@@ -258,25 +209,34 @@ TASK_KINDS: dict[str, type[Task]] = {c.kind: c for c in (ClassificationTask, Box
 
 
 def build_tasks(specs: Sequence[TaskSpec | str | Mapping[str, str]],
-                options: Mapping[str, Mapping[str, Any]] | None = None) -> list[Task]:
-    """Task objects for ``specs``; classification tasks get their ``labels`` column in order."""
+                options: Mapping[str, Mapping[str, Any]] | None = None, *,
+                anchors: Any = None) -> list[Task]:
+    """Task objects for ``specs``; classification tasks get their ``labels`` column in order.
+
+    ``anchors``: ``[N, 4]`` for the box task, computed once from the model at the training
+    image size (``model.anchors((H, W))``; needed only when a box task is present)."""
     options = options or {}
     out, col = [], 0
     for spec in tasks_from_names(specs):
-        column = None
+        column, extra = None, {}
         if spec.kind == "classification":
             column, col = col, col + 1
-        out.append(TASK_KINDS[spec.kind](spec, column, **dict(options.get(spec.name, {}))))
+        if spec.kind == "box":
+            extra["anchors"] = anchors
+        out.append(TASK_KINDS[spec.kind](spec, column, **dict(options.get(spec.name, {})), **extra))
     return out
 
 
 def total_loss(tasks: Sequence[Task], outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
-               model: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Eq. 5: mean over tasks of each task's mean loss. Returns ``(loss, {task: loss, ...})``."""
+               weight_norms: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 5: mean over tasks of each task's mean loss. ``weight_norms``: the model's
+    ``task_weight_norms()`` (``{task: sum of squared weights}``, for the box task's L2 term).
+    Returns ``(loss, {task/loss: ..., task/aux: ...})``."""
+    weight_norms = weight_norms or {}
     per_task = {}
     aux = {}
     for t in tasks:
-        loss, extra = t.loss(outputs, batch, model)
+        loss, extra = t.loss(outputs, batch, weight_norms.get(t.name))
         per_task[t.name] = loss
         aux.update({f"{t.name}/{k}": v for k, v in extra.items()})
     total = sum(per_task.values()) / len(per_task)

@@ -42,6 +42,7 @@ from covidmt_jax.cli import hms as _hms
 from covidmt_jax.cli import quiet_libraries, run_config_cli  # noqa: F401  (quiet_libraries: public here too)
 from covidmt_jax.data.records import DataError
 from covidmt_jax.export import save_model
+from covidmt_jax.data.images import image_hw
 from covidmt_jax.tasks import Task, build_tasks, total_loss
 
 log = logging.getLogger("covidmt_jax.train")
@@ -141,6 +142,21 @@ def task_outputs(raw: Any, tasks: list[Task]) -> dict[str, Any]:
     return {t.name: raw[:, t.column] for t in cls}
 
 
+def task_weight_norms(model: nnx.Module) -> dict[str, jax.Array]:
+    """``{task: sum of squared weights}`` the task losses regularise: the model's
+    ``task_weight_norms()`` (COVIDMT: the box-regression subnet); empty for other families."""
+    norms = getattr(model, "task_weight_norms", None)
+    return norms() if norms is not None else {}
+
+
+def box_anchors(model: nnx.Module, specs, image_size) -> Any:
+    """``[N, 4]`` anchors of the model's box head at ``image_size`` (int or ``(H, W)``), or
+    None when no task is a box task."""
+    if not any(s.kind == "box" for s in specs):
+        return None
+    return model.anchors(image_hw(image_size))
+
+
 def _select(ok: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``ok`` else ``old``, leaf-wise (PRNG keys always advance)."""
     def pick(n, o):
@@ -157,7 +173,8 @@ def make_train_step(graphdef, tasks: list[Task]):
         model, optimizer = nnx.merge(graphdef, state)
 
         def loss_fn(model):
-            return total_loss(tasks, task_outputs(model(batch["image"]), tasks), batch, model)
+            return total_loss(tasks, task_outputs(model(batch["image"]), tasks), batch,
+                              task_weight_norms(model))
 
         (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -260,8 +277,7 @@ class EvalProgress:
         return line
 
 
-def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], cfg, mesh,
-             model_for_tasks, *, skip_logs: Mapping[str, Any] | None = None, label: str = "eval",
+def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], cfg, mesh, *, skip_logs: Mapping[str, Any] | None = None, label: str = "eval",
              progress_every_s: float = 10.0) -> dict[str, float]:
     """Per-task metrics over every validation source (one pass, padded batches).
 
@@ -291,7 +307,7 @@ def evaluate(eval_fn, state, val_sources: Mapping[str, Any], tasks: list[Task], 
             outputs = parallel.local_rows(eval_fn(state, gb["image"]))
             host_batch = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
             for t in ds_tasks:
-                for k, v in t.eval_outputs(outputs, host_batch, model_for_tasks).items():
+                for k, v in t.eval_outputs(outputs, host_batch).items():
                     # arrays are per-sample columns (concatenated); lists hold per-image items
                     target = lists if isinstance(v, list) else arrays
                     target[t.name].setdefault(k, []).extend(v if isinstance(v, list) else [v])
@@ -346,7 +362,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     specs = config_lib.validate(cfg)
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.mesh.model_axis)
-    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()})
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
 
@@ -361,10 +376,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         train_sources, cfg.data.per_task_batch, shard_count=jax.process_count())
     total_steps = cfg.total_steps if cfg.total_steps > 0 else cfg.epochs * spe
     log.info("%s: %d tasks %s, %d loaders, global batch %d, %d steps/epoch, %d steps, %d devices",
-             cfg.model.name, len(tasks), [t.name for t in tasks], n_loaders, global_bs, spe,
+             cfg.model.name, len(specs), [t.name for t in specs], n_loaders, global_bs, spe,
              total_steps, jax.device_count())
 
     model = build_model(cfg, specs)
+    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()},
+                        anchors=box_anchors(model, specs, cfg.data.image_size))
     tx, lr_schedule = build_optimizer(cfg, spe)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model.train()
@@ -393,10 +410,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         step, best = int(meta["step"]), meta.get("best")
         log.info("resumed from %s at step %d", ckpt.directory, step)
     writer = MetricWriter(workdir, step)
-    image_hw = _image_hw(cfg.data.image_size)
-    for t in tasks:  # shape-only set-up (anchors) while the model's arrays are live
-        t.prepare(model, image_hw)
-    model_for_tasks = model
 
     def better(v):
         if best is None or not np.isfinite(best["value"]):
@@ -407,7 +420,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
         nonlocal best
         if not val_sources:
             return {}
-        res = evaluate(eval_fn, state, val_sources, tasks, cfg, mesh, model_for_tasks,
+        res = evaluate(eval_fn, state, val_sources, tasks, cfg, mesh,
                        skip_logs=eval_skip_logs, label=f"eval @{at_step}")
         writer.write(at_step, "eval", res)
         log.info("eval @%d: %s", at_step, "  ".join(f"{k}={v:.4f}" for k, v in sorted(res.items())))
@@ -481,10 +494,6 @@ def _export(directory: Path, graphdef, state, cfg, specs, metadata) -> None:
     model.eval()
     save_model(directory, model, name=cfg.model.name, model_kwargs=model_kwargs(cfg, specs),
                metadata={**metadata, "image_size": cfg.data.image_size})
-
-
-def _image_hw(size) -> tuple[int, int]:
-    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 
 
 def main(argv: list[str] | None = None) -> int:

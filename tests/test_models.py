@@ -137,7 +137,7 @@ def test_covidmt_total_loss_and_gradients_are_finite():
     tasks = paper_tasks(6)
     m = models.create("covidmt", backbone="resnet18", tasks=tasks, transition_channels=(16,),
                       fpn_channels=16)
-    task_objs = build_tasks(tasks)
+    task_objs = build_tasks(tasks, anchors=m.anchors((64, 64)))
     rng = np.random.RandomState(0)
     batch = {"image": jnp.asarray(rng.rand(3, 64, 64, 1), jnp.float32),
              "labels": jnp.asarray(rng.randint(0, 2, (3, 5)), jnp.float32),
@@ -147,7 +147,7 @@ def test_covidmt_total_loss_and_gradients_are_finite():
              "box_weight": jnp.asarray([0, 0, 1], jnp.float32)}
 
     def loss_fn(model):
-        return total_loss(task_objs, model(batch["image"]), batch, model)
+        return total_loss(task_objs, model(batch["image"]), batch, model.task_weight_norms())
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
     assert np.isfinite(float(loss))

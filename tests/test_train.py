@@ -156,7 +156,12 @@ def equivalence_setup(B: int = 8, S: int = 32):
     from covidmt_jax.tasks import build_tasks, paper_tasks
     from covidmt_jax.train import build_optimizer
     specs = paper_tasks(6)
-    tasks = build_tasks(specs)
+
+    def new_model():
+        return models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
+                             fpn_channels=8, rngs=0)
+
+    tasks = build_tasks(specs, anchors=new_model().anchors((S, S)))
     rng = np.random.RandomState(0)
     batch = {"image": rng.randn(B, S, S, 1).astype(np.float32),
              "labels": rng.randint(0, 2, (B, 5)).astype(np.float32),
@@ -166,10 +171,7 @@ def equivalence_setup(B: int = 8, S: int = 32):
              "box_weight": (rng.rand(B) > 0.5).astype(np.float32)}
 
     def new_state():
-        model = models.create("covidmt", backbone="resnet18", tasks=specs, transition_channels=(8,),
-                              fpn_channels=8, rngs=0)
-        for t in tasks:
-            t.prepare(model, (S, S))
+        model = new_model()
         cfg = ml_collections.ConfigDict({"optimizer": {"name": "sgd", "lr": 1.0, "b1": 0.9, "b2": 0.999,
               "eps": 1e-8, "milestones": (), "decay": 0.1, "grad_clip": 0.0, "weight_decay": 0.0, "momentum": 0.0}})
         tx, _ = build_optimizer(cfg, 10)

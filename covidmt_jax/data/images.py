@@ -28,7 +28,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -342,13 +342,19 @@ def _first(v):
 
 
 # --- arrays --------------------------------------------------------------------------
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+def image_hw(size: int | Sequence[int], *, what: str = "image_size", minimum: int = 1) -> tuple[int, int]:
+    """``(H, W)`` from an int (a square) or an ``(H, W)`` pair; every size in the package
+    goes through here. Raises ValueError naming ``what`` unless both are integers
+    ``>= minimum``."""
     if isinstance(size, (int, np.integer)):
         h = w = int(size)
     else:
-        h, w = (int(s) for s in size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {size!r}")
+        try:
+            h, w = (int(s) for s in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be an int or (height, width), got {size!r}") from None
+    if h < minimum or w < minimum:
+        raise ValueError(f"{what} must be at least {minimum} px, got {size!r}")
     return h, w
 
 
@@ -374,7 +380,7 @@ def load_grey(src: ImageSource, *, name: str | None = None, size: int | tuple[in
     """
     im = _grey_image(open_image(src, name=name, max_pixels=max_pixels))
     if size is not None:
-        h, w = _hw(size)
+        h, w = image_hw(size, what="size")
         if im.size != (w, h):
             im = im.resize((w, h), Image.BILINEAR)
     return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
@@ -393,7 +399,7 @@ def load_mask(src: ImageSource, *, name: str | None = None, threshold: float = 1
         return np.asarray(im.convert("L")) > threshold
     g = _grey_image(im)
     if size is not None:
-        h, w = _hw(size)
+        h, w = image_hw(size, what="size")
         if g.size != (w, h):
             g = g.resize((w, h), Image.BILINEAR)
     # Half a grey level above the threshold so 8-bit data round-trips exactly.

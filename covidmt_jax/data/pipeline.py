@@ -61,8 +61,10 @@ import numpy as np
 
 from covidmt_jax.data import augment as aug
 from covidmt_jax.data import images
+from covidmt_jax.data.images import image_hw
 from covidmt_jax.data.records import DataError, check_on_error
 from covidmt_jax.normalisation import GREY_MEAN, GREY_STD, denormalise, normalise
+from covidmt_jax.taskspec import tasks_from_names
 
 _log = logging.getLogger("covidmt_jax.data")
 
@@ -85,19 +87,6 @@ __all__ = [
     "checkpoint_save_args",
     "checkpoint_restore_args",
 ]
-
-def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """``(H, W)`` from an int or a pair; positive integers only."""
-    if isinstance(image_size, (int, np.integer)):
-        h = w = int(image_size)
-    else:
-        if len(image_size) != 2:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size!r}")
-        h, w = (int(s) for s in image_size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return h, w
-
 
 # --- errors ----------------------------------------------------------------------------
 class SkipLog:
@@ -308,8 +297,6 @@ def _collate(elements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 # --- dataset construction ------------------------------------------------------------------
 def _resolve_tasks(tasks) -> list:
-    from covidmt_jax.tasks import tasks_from_names  # lazy: tasks.py imports jax
-
     specs = tasks_from_names(tasks)
     if not specs:
         raise ValueError("tasks must not be empty")

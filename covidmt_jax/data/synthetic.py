@@ -36,6 +36,8 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from covidmt_jax.data.images import image_hw
+
 __all__ = [
     "FINDINGS",
     "LABEL_NAMES",
@@ -448,16 +450,6 @@ def _draw_cue(rng: np.random.Generator, img: np.ndarray, shortcut: Shortcut, on:
 
 
 # --- public API ------------------------------------------------------------------------------------
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        h = w = int(size)
-    else:
-        h, w = (int(x) for x in size)
-    if h < 16 or w < 16:
-        raise ValueError(f"phantom size must be at least 16 px, got {size!r}")
-    return h, w
-
-
 def _finding_tuple(findings: str | Iterable[str] | None) -> tuple[str, ...]:
     if findings is None:
         return ()
@@ -487,7 +479,7 @@ def render_phantom(rng: SeedLike = None, size: int | tuple[int, int] = 256,
       :class:`Phantom` (image float32 ``[H, W]`` in [0, 1], lung_mask bool ``[H, W]``,
       boxes float32 ``[N, 4]``, labels, finding_mask, cue_mask, meta).
     """
-    h, w = _hw(size)
+    h, w = image_hw(size, what="phantom size", minimum=16)
     found = _finding_tuple(findings)
     r_anat, r_find, r_cue, r_noise = _streams(rng, 4)
     img, lung, lung_r, lung_l, body = _anatomy(r_anat, h, w)
@@ -589,7 +581,7 @@ def render_dataset(kind: str, n: int, size: int | tuple[int, int] = 256, seed: i
     """
     spec = _kind(kind)
     ph = [phantom_for(kind, start + i, size=size, seed=seed, **kwargs) for i in range(n)]
-    h, w = _hw(size)
+    h, w = image_hw(size, what="phantom size", minimum=16)
     return {
         "image": np.stack([p.image for p in ph]) if ph else np.zeros((0, h, w), np.float32),
         "lung_mask": np.stack([p.lung_mask for p in ph]) if ph else np.zeros((0, h, w), bool),

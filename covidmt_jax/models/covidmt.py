@@ -26,7 +26,7 @@ from flax import nnx
 from covidmt_jax.models.base import Backbone
 from covidmt_jax.models.heads import BoxHead, ClassificationHead, make_anchors
 from covidmt_jax.models.registry import create, register
-from covidmt_jax.tasks import PAPER_TASKS, TaskSpec, tasks_from_names
+from covidmt_jax.taskspec import PAPER_TASKS, TaskSpec, tasks_from_names
 
 
 class COVIDMT(Backbone):
@@ -92,6 +92,13 @@ class COVIDMT(Backbone):
         if self.box_head is not None:
             out[self.box_task] = self.box_head(feats)
         return out
+
+    def task_weight_norms(self) -> dict[str, jax.Array]:
+        """``{box task: sum of squared box-regression kernels}`` (the paper's R(f^bbox), which
+        ``tasks.BoxTask`` scales by its ``l2`` option); empty without a box task."""
+        if self.box_head is None:
+            return {}
+        return {self.box_task: self.box_head.regression_weight_norm()}
 
     def anchors(self, image_hw: Sequence[int]) -> np.ndarray:
         """Anchors ``[N_anchors, 4]`` matching the box head's output for inputs of ``image_hw``."""

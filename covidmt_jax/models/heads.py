@@ -108,6 +108,11 @@ class BoxHead(nnx.Module):
                                               prior_bias=-math.log((1 - prior_prob) / prior_prob),
                                               dtype=dtype, rngs=rngs)
 
+    def regression_weight_norm(self) -> jax.Array:
+        """Sum of squared conv kernels of the box-regression subnet (float32 scalar)."""
+        kernels = [c.kernel[...] for c in self.box_subnet.convs] + [self.box_subnet.out.kernel[...]]
+        return sum(jnp.sum(k.astype(jnp.float32) ** 2) for k in kernels)
+
     def __call__(self, feats: dict[str, jax.Array]) -> dict[str, jax.Array]:
         levels = self.fpn([feats["c3"], feats["c4"], feats["c5"]])
         reg = jnp.concatenate([self.box_subnet(p) for p in levels], axis=1)
