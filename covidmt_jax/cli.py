@@ -108,12 +108,13 @@ def _type_hint(argv: Sequence[str], raw_flag: str) -> str:
             node = node[part]
     except (KeyError, TypeError):
         return ""
-    return f" (config.{m.group(1)} is a {type(node).__name__}, default {node!r})"
+    return f" (config.{m.group(1)} expects {type(node).__name__}, default {node!r})"
 
 
 def _last_line(text: str) -> str:
+    """The last line of a message or traceback text, without a leading ``module.Error: ``."""
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1]) if lines else ""
 
 
 def config_error_message(exc: BaseException, argv: Sequence[str]) -> str:

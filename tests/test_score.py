@@ -409,7 +409,7 @@ def test_failed_start_writes_no_job(exported, tmp_path):
     work = tmp_path / "out"
     cfg = _cfg(exported, n=4)
     cfg.classifiers.resnet18.path = str(tmp_path / "typo")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="config.classifiers.resnet18.path"):
         job.run(cfg, work)
     assert not (work / "job.json").exists()
     cfg = _folder_cfg(exported, tmp_path / "nowhere")

@@ -20,6 +20,7 @@ columns, every further entry ``iol_orig_<name>`` / ``iol_trans_<name>`` (see
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,6 +30,7 @@ from flax import nnx
 
 from covidmt_jax import lungs as lung_lib
 from covidmt_jax import models
+from covidmt_jax import xrv as xrv_lib
 from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.export import load_model
 from covidmt_jax.scoring.config import classifier_entry
@@ -98,6 +100,8 @@ def _check_torch(name: str, entry: ml_collections.ConfigDict) -> None:
 
 register_classifier_kind("export", load=_load_export)
 register_classifier_kind("torch", load=_load_torch, check=_check_torch)
+# torchxrayvision classifiers (model=ARCH or weight set, path=FILE, task=PATHOLOGY): covidmt_jax.xrv
+register_classifier_kind("xrv", load=xrv_lib.load_entry, check=xrv_lib.check_entry)
 
 
 # ---------------------------------------------------------------------------- classifiers
@@ -116,7 +120,10 @@ def load_classifier(name: str, entry: Mapping[str, Any], *, default_threshold: f
     kind = _kind(name, e)
     if kind.check is not None:
         kind.check(name, e)
-    model = kind.load(e, dtype)
+    try:
+        model = kind.load(e, dtype)
+    except FileNotFoundError as err:  # a typo in the path: name the key, no traceback
+        raise ConfigError(f"config.classifiers.{name}.path: {err}") from err
     tasks = getattr(model, "classification_tasks", None)
     if tasks is not None:
         if e.task not in tasks:
@@ -130,7 +137,13 @@ def load_classifier(name: str, entry: Mapping[str, Any], *, default_threshold: f
         raise ConfigError(f"classifier {name!r}: COVID column {column} is outside its {n_out} outputs")
     if e.activation == "softmax" and n_out < 2:
         raise ConfigError(f"classifier {name!r}: activation 'softmax' needs >= 2 outputs, got {n_out}")
-    thr = float(e.threshold) if float(e.threshold) >= 0 else float(default_threshold)
+    own = getattr(model, "decision_thresholds", None)  # per-output operating points (xrv's op_threshs)
+    if float(e.threshold) >= 0:
+        thr = float(e.threshold)
+    elif own is not None and math.isfinite(own[column]):
+        thr = float(own[column])
+    else:
+        thr = float(default_threshold)
     return model, Head(column, e.activation, thr, int(getattr(model, "in_channels", 1)))
 
 
@@ -156,7 +169,13 @@ def lung_dirs(spec: str) -> dict[str, Path]:
 
 def load_lungs(spec: str) -> dict[str, lung_lib.LungSegmenter]:
     """``{convention name: LungSegmenter}`` of ``config.lungs`` (:func:`lung_dirs`)."""
-    return {name: lung_lib.lung_segmenter(d) for name, d in lung_dirs(spec).items()}
+    out = {}
+    for name, d in lung_dirs(spec).items():
+        try:
+            out[name] = lung_lib.lung_segmenter(d)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"config.lungs ({name!r}): {err}") from err
+    return out
 
 
 def load_models(cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
