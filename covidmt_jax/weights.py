@@ -1,4 +1,4 @@
-"""Import torchvision / timm ImageNet weights into zoo models (no pickle).
+"""Import torchvision / timm / torchxrayvision weights into zoo models (no pickle).
 
 ``load_torch_weights(model, path)`` reads a ``.safetensors`` file (no torch needed) or a
 ``.pth``/``.pt``/``.bin`` file through ``torch.load(weights_only=True)``, maps every tensor
@@ -16,6 +16,12 @@ Mapping (mechanical, because zoo modules carry torchvision/timm names):
   input-channel axis. With grey pixels replicated to RGB, ``sum_c w_c * x = (sum_c w_c) * x``,
   so a grey model sees exactly the activations the RGB model sees on the replicated image
   (normalise grey pixels with the mean of the RGB means and stds, as the data pipeline does).
+
+``source="xrv"``: torchxrayvision's classifiers are torchvision layouts (its DenseNet keeps
+torchvision's module names; its ResNet wraps a torchvision ResNet as ``model``), with a
+1-channel stem and an ``op_threshs`` buffer. :func:`xrv_state_dict` strips the wrapper's
+``model.`` prefix and sets the thresholds aside (reported under ``"skipped"``; read them with
+:func:`covidmt_jax.xrv.read_op_threshs`); everything else maps as for torchvision.
 """
 from __future__ import annotations
 
@@ -29,7 +35,10 @@ from flax import nnx
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                "var": "running_var"}
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
-SOURCES = ("torchvision", "timm")
+SOURCES = ("torchvision", "timm", "xrv")
+#: torchxrayvision's buffer of per-output operating thresholds (not a weight).
+XRV_THRESHOLDS_KEY = "op_threshs"
+_LAYOUT = {"xrv": "torchvision"}  # source -> the layout its state dicts use
 
 
 class WeightImportError(ValueError):
@@ -105,6 +114,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def xrv_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """A torchxrayvision classifier state dict -> (torchvision-layout weights, ``op_threshs`` or None).
+
+    ``xrv.models.ResNet`` keeps its torchvision ResNet under ``model.`` (its release files are
+    that inner state dict, without the prefix); ``xrv.models.DenseNet`` uses torchvision's
+    names directly. ``op_threshs`` (``[K]``, NaN where the weights give no threshold) is
+    returned separately.
+    """
+    sd = dict(state_dict)
+    thresholds = sd.pop(XRV_THRESHOLDS_KEY, None)
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    return sd, None if thresholds is None else np.asarray(thresholds, np.float32)
+
+
 def _convert(value: np.ndarray, target_shape: tuple, leaf: str) -> np.ndarray | None:
     """PyTorch tensor -> NNX layout, or None when the shapes cannot be reconciled."""
     v = np.asarray(value, np.float32)
@@ -125,7 +149,8 @@ def load_torch_weights(model: nnx.Module, path: str | os.PathLike | Mapping[str,
     Args:
       model: a zoo model, or a model exposing ``torch_import_target()`` (COVIDMT: its backbone).
       path: ``.safetensors`` / ``.pth`` file, or an already-read ``{key: array}`` mapping.
-      source: ``"torchvision"`` or ``"timm"`` (checked against the model's supported sources).
+      source: ``"torchvision"``, ``"timm"`` or ``"xrv"`` (torchxrayvision: a torchvision layout,
+        see the module docstring); checked against the model's supported sources.
       strict: raise :class:`WeightImportError` listing all missing, unexpected and mis-shaped
         keys; with ``strict=False`` the report is returned and matching tensors are loaded.
       skip_head: leave the classifier head (e.g. 1000 ImageNet classes) initialised and ignore
@@ -137,10 +162,14 @@ def load_torch_weights(model: nnx.Module, path: str | os.PathLike | Mapping[str,
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     target = model.torch_import_target() if hasattr(model, "torch_import_target") else model
     supported = getattr(target, "torch_sources", SOURCES)
-    if source not in supported:
+    if _LAYOUT.get(source, source) not in supported:
         raise ValueError(f"{type(target).__name__} imports weights from {supported}, not {source!r}")
     name = str(path) if not isinstance(path, Mapping) else "<state dict>"
     state_dict = dict(path) if isinstance(path, Mapping) else read_state_dict(path)
+    set_aside: list[str] = []
+    if source == "xrv":
+        state_dict, thresholds = xrv_state_dict(state_dict)
+        set_aside = [XRV_THRESHOLDS_KEY] if thresholds is not None else []
     head_prefixes: Iterable[str] = target.torch_head_prefixes() if hasattr(target, "torch_head_prefixes") else ()
     head_prefixes = tuple(head_prefixes)
 
@@ -149,7 +178,7 @@ def load_torch_weights(model: nnx.Module, path: str | os.PathLike | Mapping[str,
 
     flat = nnx.to_flat_state(nnx.state(target, nnx.Any(nnx.Param, nnx.BatchStat)))
     report: dict[str, list[str]] = {"loaded": [], "missing": [], "unexpected": [], "mismatched": [],
-                                    "skipped": []}
+                                    "skipped": list(set_aside)}
     used: set[str] = set()
     new_values: list[tuple[tuple, np.ndarray]] = []
     for p, var in flat:

@@ -11,7 +11,8 @@ import pytest
 import jax.numpy as jnp
 
 from covidmt_jax import models
-from covidmt_jax.weights import WeightImportError, load_torch_weights, read_state_dict, torch_key
+from covidmt_jax.weights import (WeightImportError, load_torch_weights, read_state_dict, torch_key,
+                                 xrv_state_dict)
 
 REL_TOL = 1e-4
 
@@ -183,3 +184,17 @@ def test_source_checks_and_bad_files(tmp_path):
         read_state_dict(bad)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         read_state_dict(tmp_path / "nope.pth")
+
+
+def test_weights_source_xrv_strips_prefix_and_sets_thresholds_aside():
+    _, sd = _numpy_resnet18_state(num_classes=1000)
+    wrapped = {f"model.{k}": v for k, v in sd.items()}
+    wrapped["op_threshs"] = np.full(1000, 0.5, np.float32)
+    inner, thr = xrv_state_dict(wrapped)
+    assert set(inner) == set(sd) and thr.shape == (1000,)
+    jm = models.create("resnet18", num_classes=1000, in_channels=3)
+    report = load_torch_weights(jm, wrapped, source="xrv")
+    assert report["skipped"] == ["op_threshs"] and not report["missing"]
+    np.testing.assert_array_equal(np.asarray(jm.conv1.kernel[...]).transpose(3, 2, 0, 1), sd["conv1.weight"])
+    with pytest.raises(ValueError, match="not 'xrv'"):
+        load_torch_weights(models.create("xception", num_classes=2), {}, source="xrv")

@@ -14,13 +14,17 @@ its output concatenated to its input) with transitions (BN-ReLU-1x1 conv halving
 -> ``classifier``.
 
 Feature maps (``features(x)``):
-- ``c3``: dense block 2 output (stride 8), ``c4``: dense block 3 output (stride 16),
-  ``c5``: ReLU(norm5) (stride 32) - the map the classifier pools;
-- ``last_conv``: the norm5 output BEFORE the final ReLU (stride 32). This is the layer
-  pytorch-grad-cam's documentation picks for DenseNets (``target_layers = [model.features[-1]]``,
-  i.e. ``features.norm5``) and the one torchxrayvision users hook (``model.features`` returns
-  it), so our Grad-CAM of a DenseNet equals theirs. ``pool_and_classify`` applies the ReLU,
-  so ``pool_and_classify(features(x)["last_conv"]) == __call__(x)`` as for every zoo model.
+- ``c3``: dense block 2 output (stride 8), ``c4``: dense block 3 output (stride 16);
+- ``c5`` = ``last_conv``: ReLU(norm5) (stride 32), the map the classifier pools.
+
+Grad-CAM layer. pytorch-grad-cam's documentation picks ``target_layers = [model.features[-1]]``
+(``features.norm5``) for DenseNets, and torchxrayvision users hook the same module. Because
+torchvision's (and torchxrayvision's) head applies ``F.relu(features, inplace=True)``, the
+activations pytorch-grad-cam records are overwritten with their ReLU, while its gradients are
+those of the pre-ReLU tensor (zero where the activation is not positive). Our ``last_conv`` is
+that ReLU(norm5) map and ``pool_and_classify`` re-applies the (idempotent) ReLU, so the
+gradient w.r.t. ``last_conv`` is zero exactly where pytorch-grad-cam's is: our Grad-CAM of a
+DenseNet equals theirs (tests/test_densenet.py; the CAM of the pre-ReLU norm5 map differs).
 """
 from __future__ import annotations
 
@@ -145,18 +149,15 @@ class DenseNet(Backbone):
 
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         t = self.trunk(x)
-        return {"c3": t["block2"], "c4": t["block3"], "c5": nnx.relu(t["norm5"]),
-                "last_conv": t["norm5"]}
+        last = nnx.relu(t["norm5"])
+        return {"c3": t["block2"], "c4": t["block3"], "c5": last, "last_conv": last}
 
     def pool_and_classify(self, last_conv: jax.Array) -> jax.Array:
-        """``[B, h, w, C]`` norm5 output -> ReLU -> global average pool -> ``[B, num_classes]``."""
+        """``[B, h, w, C]`` ReLU(norm5) -> ReLU (idempotent; masks the gradient as torch's in-place
+        ReLU does, see the module docstring) -> global average pool -> ``[B, num_classes]``."""
         if self.classifier is None:
             raise ValueError("this DenseNet was built with num_classes=0 (backbone only)")
         return self.classifier(global_avg_pool(nnx.relu(last_conv)))
-
-    def pooled(self, x: jax.Array) -> jax.Array:
-        """``[B, H, W, C] -> [B, C]``: the pooled ReLU(norm5) features the classifier sees."""
-        return global_avg_pool(self.features(x)["c5"])
 
 
 @register("densenet121")
