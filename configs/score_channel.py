@@ -14,7 +14,13 @@ Arguments: ``root`` (image folder, required), ``model`` (export dirs, ``+``-sepa
 ``quality`` (one quality override), ``qualities`` (``+``-separated sweep, e.g. ``30+50+70+90``),
 ``labels`` (``1`` = labels from sub-folders, e.g. ``0_NON_COVID`` / ``1_COVID-19``), ``label``
 (the positive class folder), ``lungs``, ``size`` (512), ``batch`` (16), ``limit``.
+
+A ``model`` item ``xrv:NAME@FILE`` is a torchxrayvision classifier (``NAME``: ``densenet121``,
+``resnet50`` or a weight set such as ``densenet121-res224-rsna``; ``FILE``: its state dict),
+scored on its output ``target`` (e.g. ``target=Pneumonia``) at its operating threshold when
+known (covidmt_jax.xrv); export dirs and ``xrv:`` items mix freely.
 """
+from covidmt_jax import xrv
 from covidmt_jax.config_lib import parse_arg
 from covidmt_jax.scoring.config import base_config, classifier_entry
 
@@ -22,7 +28,7 @@ from covidmt_jax.scoring.config import base_config, classifier_entry
 def get_config(arg=None):
     opts = parse_arg(arg)
     known = {"root", "model", "names", "channel", "quality", "qualities", "labels", "label", "lungs",
-             "size", "batch", "limit"}
+             "size", "batch", "limit", "target"}
     unknown = set(opts) - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -35,7 +41,10 @@ def get_config(arg=None):
     if len(names) != len(dirs):
         raise ValueError(f"names {names} must match the {len(dirs)} model dir(s)")
     c = base_config()
-    c.classifiers = {n: classifier_entry("export", d) for n, d in zip(names, dirs)}
+    if any(d.startswith("xrv:") for d in dirs) and not opts.get("target"):
+        raise ValueError("xrv: models need target= (the scored output, e.g. target=Pneumonia)")
+    c.classifiers = {n: classifier_entry(**xrv.entry_from_spec(d, opts["target"])) if d.startswith("xrv:")
+                     else classifier_entry("export", d) for n, d in zip(names, dirs)}
     c.lungs = opts.get("lungs", "")
     c.pairs.source = "folder"
     kwargs = {"root": opts["root"], "on_error": "skip"}
