@@ -44,7 +44,7 @@ from covidmt_jax.lungs import LungSegmenter
 from covidmt_jax.normalisation import denormalise
 from covidmt_jax.scoring import pairs as pairs_lib
 from covidmt_jax.scoring.config import validate, with_quality
-from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head, load_models
+from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head, check_classifiers, load_models
 from covidmt_jax.scoring.rows import INPUT_SIG, RowStore, pair_rows, row_columns, select
 from covidmt_jax.scoring.step import Scorer
 
@@ -332,6 +332,7 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """The scoring job (and the JPEG-quality sweep when ``pairs.qualities`` is set)."""
     validate(cfg)
+    check_classifiers(cfg.classifiers)
     parallel.maybe_initialize_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
