@@ -22,7 +22,7 @@ resumes from its checkpoint):
    stops if a patient is on two sides.
 2. ``arms/<arm>/seed<k>/``: :func:`covidmt_jax.train.train` of each arm and seed (done when its
    ``summary.json`` exists); the best export by validation COVID ROC-AUC is scored.
-3. ``scores/seed<k>/<condition>/rows.csv``: every arm of a seed scored together on the held-out
+3. ``scores/seed<k>/<condition>/rows_<arm>.csv``: the arms of a seed scored together on the held-out
    COVID/non-COVID test films (:class:`covidmt_jax.scoring.step.Scorer`: probability, Grad-CAM
    of the decision, IOL against the shipped lung U-Net) for each condition: ``whatsapp`` and
    the JPEG-quality sweep ``q30`` ... ``q90``; here the IOL against each film's OWN lung mask
@@ -285,15 +285,19 @@ def conditions(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def read_rows(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a rows.csv (text columns as object arrays, the rest float)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    missing = [c for c in ROW_COLUMNS if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+def read_rows(paths: Path | Sequence[Path]) -> dict[str, np.ndarray]:
+    """Columns of one or more ``rows_<arm>.csv`` files, concatenated (text columns as object
+    arrays, the rest float)."""
+    rows = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        with open(path, newline="") as f:
+            part = list(csv.DictReader(f))
+        if not part:
+            raise ValueError(f"{path}: no rows")
+        missing = [c for c in ROW_COLUMNS if c not in part[0]]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        rows += part
     out = {}
     for c in ROW_COLUMNS:
         vals = [r[c] for r in rows]
@@ -313,11 +317,15 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
 
 def score_seed(cfg: ml_collections.ConfigDict, seed: int, exports: Mapping[str, Path], workdir: Path) -> None:
     """Score every arm of one seed on the test films under every condition (resumable per
-    condition: a finished ``rows.csv`` is kept)."""
+    condition and arm: a finished ``rows_<arm>.csv`` is kept; arms added to the study later
+    are scored on their own)."""
+    base = workdir / "scores" / f"seed{seed}"
     todo = {name: ch for name, ch in conditions(cfg).items()
-            if not _done(workdir / "scores" / f"seed{seed}" / name / "rows.csv")}
+            if any(not _done(base / name / f"rows_{arm}.csv") for arm in exports)}
     if not todo:
         return
+    exports = {arm: p for arm, p in exports.items()
+               if any(not _done(base / name / f"rows_{arm}.csv") for name in todo)}
     from covidmt_jax.data import images
     from covidmt_jax.data.pipeline import load_pair
     from covidmt_jax.data.sources import get_source
@@ -337,7 +345,7 @@ def score_seed(cfg: ml_collections.ConfigDict, seed: int, exports: Mapping[str, 
         out_dir = workdir / "scores" / f"seed{seed}" / cond
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        rows: list[dict] = []
+        rows: dict[str, list[dict]] = {arm: [] for arm in exports}
         worst: dict[str, list] = {arm: [] for arm in exports}
         for start in range(0, len(test), int(s.batch_size)):
             recs = [test[i] for i in range(start, min(len(test), start + int(s.batch_size)))]
@@ -363,7 +371,7 @@ def score_seed(cfg: ml_collections.ConfigDict, seed: int, exports: Mapping[str, 
                     for k, v in res.items():
                         if not k.startswith("cam_") or k.startswith(("cam_border", "cam_outside")):
                             row[k] = float(v[j])
-                    rows.append(row)
+                    rows[arm].append(row)
                     if s.gallery and cond == cfg.score.channel:
                         iol_t = row["iol_trans"]
                         key = iol_t if np.isfinite(iol_t) else 2.0
@@ -381,7 +389,9 @@ def score_seed(cfg: ml_collections.ConfigDict, seed: int, exports: Mapping[str, 
                 if items:
                     gallery_figure([p for _, p in items], f"{arm} seed {seed}: lowest IOL (ground-truth lungs) "
                                    f"after {cond}", out_dir / f"gallery_{arm}.png", float(s.cam_threshold))
-        _write_rows(out_dir / "rows.csv", rows)
+        for arm, arm_rows in rows.items():
+            if not _done(out_dir / f"rows_{arm}.csv"):
+                _write_rows(out_dir / f"rows_{arm}.csv", arm_rows)
         log.info("scored seed %d %s: %d films x %d arms in %.0f s", seed, cond, len(test), len(exports),
                  time.time() - t0)
 
@@ -421,7 +431,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, steps: int = 400, lr: float = 
 
 
 def source_probe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Can a linear classifier tell the data source (one set vs the other of ``probe.sets``)
+    """Can a linear classifier tell the data source (``probe.sets``: a COVID set, then a
+    non-COVID set)
     from the film with its lungs blanked (``outside``), and, for reference, from the lungs
     alone (``inside``)? Trained on the train films, ROC-AUC (DeLong interval) and balanced
     accuracy on the test films."""
@@ -430,12 +441,10 @@ def source_probe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     sets = tuple(p.sets)
     if len(sets) != 2:
         raise ConfigError(f"study config.probe.sets must name two sets, got {sets}")
-    covid_sets = tuple(x for x in sets if "covid" in x and "pneumonia" not in x)
-    non = tuple(x for x in sets if x not in covid_sets)
     data = {}
     for split, n in (("train", cfg.max_per_class), ("test", cfg.max_test_per_class)):
-        src = get_source("study_covid", root=str(cfg.root), split=split, covid_sets=covid_sets,
-                         non_covid_sets=non, dedupe=False, max_per_class=int(n))
+        src = get_source("study_covid", root=str(cfg.root), split=split, covid_sets=sets[:1],
+                         non_covid_sets=sets[1:], dedupe=False, max_per_class=int(n))
         data[split] = [src[i] for i in range(len(src))]
     y = {sp: np.array([float(r["meta"]["source"] == sets[0]) for r in recs]) for sp, recs in data.items()}
     out: dict[str, Any] = {"sets": list(sets), "positive": sets[0], "n_train": len(y["train"]),
@@ -637,13 +646,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         score_seed(cfg, int(seed), exports, workdir)
         study["scores"][str(seed)] = {}
         for cond in conditions(cfg):
-            rows = read_rows(workdir / "scores" / f"seed{seed}" / cond / "rows.csv")
+            rows = read_rows([workdir / "scores" / f"seed{seed}" / cond / f"rows_{a}.csv" for a in cfg.arms])
             study["scores"][str(seed)][cond] = summarize_condition(rows, list(cfg.arms), cfg)
         study["train"][str(seed)] = {
             arm: json.loads((workdir / "arms" / arm / f"seed{seed}" / "summary.json").read_text()).get("wall_s")
             for arm in cfg.arms}
-    rows0 = read_rows(workdir / "scores" / f"seed{cfg.seeds[0]}" / cfg.score.channel / "rows.csv")
-    study["n_test_covid"] = int((rows0["label"][rows0["model"] == cfg.arms[0]] == 1).sum())
+    rows0 = read_rows(workdir / "scores" / f"seed{cfg.seeds[0]}" / cfg.score.channel / f"rows_{cfg.arms[0]}.csv")
+    study["n_test_covid"] = int((rows0["label"] == 1).sum())
     probe_path = workdir / "probe.json"
     if not _done(probe_path):
         probe_path.write_text(json.dumps(jsonable(source_probe(cfg)), indent=2))
