@@ -38,6 +38,16 @@ itself once with the values of covidmt_jax/cpu_malloc.py unless they are already
     MALLOC_TOP_PAD_=1000000000 python benchmarks/train_throughput.py \
         --sizes 224,512 --models covidmt_resnext50,resnet50 --steps 5 --warmup 3
 
+CPU conv paths (``covidmt_jax.models.cpu_conv``): ``--cpu-conv "on;off;-weight_grad"`` measures
+the JAX step with each setting in turn (``on``/``off``, a list of paths, ``-path`` = all but
+that one; default ``auto``: the ``COVIDMT_CPU_CONV`` variable), ``--rounds N`` repeats all
+measurements N times interleaved, and a summary gives per setting the median over rounds and
+the step time relative to all paths on::
+
+    python benchmarks/train_throughput.py --models resnet50,covidmt_resnext50 --sizes 224 \
+        --frameworks jax --steps 3 --warmup 1 --rounds 3 \
+        --cpu-conv "on;off;-pointwise;-elementwise;-block_diagonal;-weight_grad"
+
 Other flags: ``--dtype float32|bfloat16`` (compute dtype; parameters stay float32; torch uses
 autocast), ``--device cpu|gpu`` (gpu: JAX in bfloat16 on the GPU backend, torch on cuda with
 autocast bf16 and cudnn.benchmark), ``--xla-flags "..."`` (appended to ``XLA_FLAGS`` before
@@ -150,6 +160,8 @@ class Measurement:
     compile_s: float | None      # JAX: lower + compile; torch: None (eager)
     warmup_s: float              # all warm-up steps together
     losses: list[float]          # loss of every step run (warm-up included)
+    cpu_conv: str = ""           # JAX on CPU: the CPU conv paths in force ("" for torch)
+    load_1min: float | None = None  # the machine's 1-minute load average when the run started
 
     @property
     def median_s(self) -> float:
@@ -186,8 +198,20 @@ def _timed_loop(step: Callable[[], float | None], warmup: int, steps: int,
 # ----------------------------------------------------------------------------- JAX
 
 def bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: int,
-              dtype: str = "float32", seed: int = 0) -> Measurement:
-    """The trainer's jitted step (donated state, eq. 5 loss, Adam) on a synthetic batch."""
+              dtype: str = "float32", seed: int = 0, cpu_conv: str = "auto") -> Measurement:
+    """The trainer's jitted step (donated state, eq. 5 loss, Adam) on a synthetic batch, with
+    the CPU conv paths ``cpu_conv`` (a ``COVIDMT_CPU_CONV`` value; "auto": that variable)."""
+    from covidmt_jax.models import cpu_conv as cpu_conv_lib
+    load = os.getloadavg()[0]
+    with cpu_conv_lib.using(cpu_conv) as paths:
+        result = _bench_jax(model, size, batch, steps=steps, warmup=warmup, dtype=dtype, seed=seed)
+    result.cpu_conv = ",".join(p for p in cpu_conv_lib.PATHS if p in paths) or "off"
+    result.load_1min = load
+    return result
+
+
+def _bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: int,
+               dtype: str, seed: int) -> Measurement:
     import jax
     from flax import nnx
 
@@ -473,14 +497,14 @@ def format_probe(rows: Sequence[dict[str, Any]]) -> str:
 def format_table(rows: Sequence[Measurement]) -> str:
     """Fixed-width table; ``jax/torch`` is JAX images/s over the reference's (same model+size)."""
     torch_ips = {(r.model, r.size): r.images_per_s for r in rows if r.framework == "torch"}
-    head = ["model", "size", "framework", "dtype", "batch", "images/s", "ms/step", "spread ms",
-            "compile s", "jax/torch"]
+    head = ["model", "size", "framework", "cpu conv paths", "dtype", "batch", "images/s", "ms/step",
+            "spread ms", "compile s", "jax/torch"]
     lines = []
     for r in rows:
         ratio = ""
         if r.framework == "jax" and (r.model, r.size) in torch_ips:
             ratio = f"{r.images_per_s / torch_ips[(r.model, r.size)]:.2f}"
-        lines.append([r.model, str(r.size), r.framework, r.dtype, str(r.batch),
+        lines.append([r.model, str(r.size), r.framework, r.cpu_conv or "-", r.dtype, str(r.batch),
                       f"{r.images_per_s:.2f}", f"{1e3 * r.median_s:.0f}",
                       f"{1e3 * min(r.step_s):.0f}-{1e3 * max(r.step_s):.0f}",
                       "-" if r.compile_s is None else f"{r.compile_s:.1f}", ratio])
@@ -488,6 +512,43 @@ def format_table(rows: Sequence[Measurement]) -> str:
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(head), sep, *(fmt(l) for l in lines)])
+
+
+def format_cpu_conv_summary(rows: Sequence[Measurement]) -> str:
+    """Per JAX model/size/CPU conv setting: the median over rounds of each run's median step,
+    the runs' medians, and the step time relative to the setting with every path on."""
+    from covidmt_jax.models.cpu_conv import PATHS
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.framework == "jax":
+            groups.setdefault((r.model, r.size, r.cpu_conv), []).append(r.median_s)
+    lines = ["| model | size | cpu conv paths | ms/step (median of runs) | runs' medians ms | step / all on |",
+             "|---|---|---|---|---|---|"]
+    all_on = ",".join(PATHS)
+    for (model, size, conv), meds in groups.items():
+        med = statistics.median(meds)
+        ref = groups.get((model, size, all_on))
+        rel = f"{med / statistics.median(ref):.2f}" if ref else "-"
+        lines.append(f"| {model} | {size} | {conv} | {1e3 * med:.0f} | "
+                     f"{' '.join(f'{1e3 * m:.0f}' for m in meds)} | {rel} |")
+    return "\n".join(lines)
+
+
+def cpu_conv_settings(text: str) -> list[str]:
+    """``--cpu-conv`` -> ``COVIDMT_CPU_CONV`` values: ``;``-separated settings, each ``on``,
+    ``off``, ``auto``, a comma-separated list of paths, or ``-path`` (every path but that one)."""
+    from covidmt_jax.models.cpu_conv import PATHS, parse_paths
+    out = []
+    for item in (t.strip() for t in text.split(";")):
+        if not item:
+            continue
+        if item.startswith("-"):
+            drop = parse_paths(item[1:], "--cpu-conv")
+            item = ",".join(p for p in PATHS if p not in drop) or "off"
+        elif item != "auto":
+            parse_paths(item, "--cpu-conv")
+        out.append(item)
+    return out or ["auto"]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -510,6 +571,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="measure everything in this process (default: one child process per "
                         "model/size/framework, so that one measurement's freed memory, kept by "
                         "the MALLOC settings, cannot push the next one out of RAM)")
+    p.add_argument("--cpu-conv", default="auto",
+                   help="CPU conv paths of the JAX step (covidmt_jax.models.cpu_conv): ';'-separated "
+                        "settings measured in turn, each on, off, auto (COVIDMT_CPU_CONV), a "
+                        "comma-separated list of paths, or -path (all but that path)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every measurement this many times, interleaved (settings innermost)")
     p.add_argument("--conv-probe", action="store_true",
                    help="also time one grouped (ResNeXt) and one dense 3x3 conv of layer1 at each "
                         "size: forward, input and weight gradient, JAX vs torch")
@@ -523,14 +590,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     bad = set(args.frameworks) - {"jax", "torch"}
     if bad:
         p.error(f"--frameworks: unknown {sorted(bad)} (use jax, torch)")
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        p.error("--steps and --rounds must be >= 1 and --warmup >= 0")
+    try:
+        args.cpu_conv = cpu_conv_settings(args.cpu_conv)
+    except ValueError as e:
+        p.error(str(e))
     if args.device == "gpu":
         args.dtype = "bfloat16"  # GPU mode: bf16 compute for JAX, autocast bf16 for torch
     return args
 
 
-def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framework: str) -> Measurement:
+def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framework: str,
+                      cpu_conv: str = "auto") -> Measurement:
     """One measurement in a fresh interpreter (same flags, one model/size/framework)."""
     import subprocess
     import tempfile
@@ -541,7 +613,7 @@ def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framewo
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in ("--models", "--sizes", "--frameworks", "--json"):
+        if name in ("--models", "--sizes", "--frameworks", "--json", "--cpu-conv", "--rounds"):
             skip = "=" not in a
             continue
         if name in ("--conv-probe", "--in-process"):
@@ -550,7 +622,8 @@ def _measure_in_child(argv: Sequence[str], model: BenchModel, size: int, framewo
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *keep, "--in-process",
-               "--models", model.name, "--sizes", str(size), "--frameworks", framework, "--json", str(out)]
+               "--models", model.name, "--sizes", str(size), "--frameworks", framework, "--json", str(out),
+               "--cpu-conv", cpu_conv]
         proc = subprocess.run(cmd, env={**os.environ}, text=True, capture_output=True)
         if proc.returncode != 0 or not out.is_file():
             raise SystemExit(f"measurement {model.name} {size} px {framework} failed "
@@ -584,14 +657,15 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {torch_info}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows: list[Measurement] = []
-    runs = [(size, m, fw) for size in args.sizes for m in args.models
-            for fw in ("jax", "torch") if fw in args.frameworks and (fw == "jax" or run_torch)]
-    for size, m, fw in runs:
+    runs = [(size, m, fw, conv) for _ in range(args.rounds) for size in args.sizes for m in args.models
+            for fw in ("jax", "torch") if fw in args.frameworks and (fw == "jax" or run_torch)
+            for conv in (args.cpu_conv if fw == "jax" else ["auto"])]
+    for size, m, fw, conv in runs:
         if not args.in_process and len(runs) > 1:
-            rows.append(_measure_in_child(argv, m, size, fw))
+            rows.append(_measure_in_child(argv, m, size, fw, conv))
         elif fw == "jax":
             rows.append(bench_jax(m, size, args.batch, steps=args.steps, warmup=args.warmup,
-                                  dtype=args.dtype))
+                                  dtype=args.dtype, cpu_conv=conv))
         else:
             rows.append(bench_torch(m, size, args.batch, steps=args.steps, warmup=args.warmup,
                                     dtype=args.dtype, device=args.device, layout=args.torch_layout))
@@ -604,10 +678,14 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
                   flush=True)
     print()
     print(format_table(rows))
+    if args.rounds > 1 or len(args.cpu_conv) > 1:
+        print()
+        print(format_cpu_conv_summary(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"argv": argv, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "load_avg_end": os.getloadavg(), "rows": [r.row() for r in rows],
+             "cpu_conv_summary": format_cpu_conv_summary(rows),
              "conv_probe": probes}, indent=2))
     return rows
 

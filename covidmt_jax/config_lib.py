@@ -7,6 +7,8 @@ reads them in one place. Layout::
     tasks                  task names in order (see covidmt_jax.taskspec.PAPER_TASKS)
     task_options.<task>    per-task loss options (box: regression, l2; threshold ...)
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
+    model.cpu_conv_kernels ("auto": the COVIDMT_CPU_CONV variable, default on; "on", "off" or
+        a comma-separated list of covidmt_jax.models.cpu_conv paths; CPU backend only)
     init.torch_weights, init.source     ImageNet initialisation from a user-given file
     data.image_size, data.per_task_batch, data.eval_batch_size, data.num_workers,
     data.on_error ("raise": an unreadable image stops the run naming the file; "skip": it is
@@ -50,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         "box": {"regression": "squared", "l2": 1e-4, "score_threshold": 0.3},
     })
     c.model = ml_collections.ConfigDict({
-        "name": "covidmt", "in_channels": 1, "dtype": "float32",
+        "name": "covidmt", "in_channels": 1, "dtype": "float32", "cpu_conv_kernels": "auto",
         "kwargs": {"backbone": "resnext50_32x4d", "transition_channels": (256,), "fpn_channels": 256},
     })
     c.init = ml_collections.ConfigDict({"torch_weights": "", "source": "torchvision"})

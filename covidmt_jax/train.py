@@ -42,6 +42,7 @@ from covidmt_jax.cli import hms as _hms
 from covidmt_jax.cli import quiet_libraries, run_config_cli  # noqa: F401  (quiet_libraries: public here too)
 from covidmt_jax.data.records import DataError
 from covidmt_jax.export import save_model
+from covidmt_jax.models import cpu_conv
 from covidmt_jax.data.images import image_hw
 from covidmt_jax.tasks import Task, build_tasks, total_loss
 
@@ -360,6 +361,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     specs = config_lib.validate(cfg)
+    conv_paths = cpu_conv.set_paths(cfg.model.get("cpu_conv_kernels", "auto"), "config.model.cpu_conv_kernels")
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.mesh.model_axis)
     if jax.process_index() == 0:
@@ -378,6 +380,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     log.info("%s: %d tasks %s, %d loaders, global batch %d, %d steps/epoch, %d steps, %d devices",
              cfg.model.name, len(specs), [t.name for t in specs], n_loaders, global_bs, spe,
              total_steps, jax.device_count())
+    if jax.default_backend() == "cpu":
+        log.info("CPU conv paths: %s", ",".join(sorted(conv_paths)) or "off (plain lax convs)")
 
     model = build_model(cfg, specs)
     tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()},

@@ -10,13 +10,14 @@ with ``model.train()`` / ``nnx.view(model, use_running_average=False)``.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from covidmt_jax.models import cpu_conv
 
 Dtype = Any
 
@@ -30,239 +31,18 @@ def torch_padding(kernel_size: int, padding: int | None = None, dilation: int = 
     return ((p, p), (p, p))
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-# CPU paths of kxk convs (k > 1). XLA:CPU's convolution kernels are fast for dense forward
-# and input-gradient convs, but slow for weight gradients and for grouped convs. Measured on
-# 2 Zen 5 cores, batch 12, at the shapes of a 512-px COVIDMT-ResNeXt-50 step, ms for XLA's
-# kernel (or the path used before) / the path used now / torch 2.14 (oneDNN) where measured:
-#   weight gradients, dense 3x3:  [64,64]x256 (FPN/RetinaNet head)  535 / 210;
-#     [128,128]x64  221 / 116;  [128,128]x128 stride 2  135 / 79;  [14,14]x256  9 / 11 (XLA kept);
-#   weight gradients, grouped 3x3 (32 groups): 4 ch/group [128,128]  671 (one einsum per tap
-#     over the whole batch) / 271;  8 ch/group [64,64]  327 / 137;  32 ch/group [16,16]  89 / 37;
-#   forward / input gradient, stride-1 grouped 3x3 with <= 8 channels per group: 4 ch/group
-#     [128,128]  156 / 144 (a dense conv with a block-diagonal kernel) -> 38 / 37, torch 20 fwd;
-#     8 ch/group [64,64]  133 / 131 -> 25 / 34, torch 12 fwd.
-# Weight gradients are matmuls in a loop over batch chunks (:func:`_weight_grad`): one
-# chunk's tap slices are alive at a time (the same matmuls over the whole batch at once kept
-# all nine [B, H, W, C] slices of every conv alive: +5 GB of temporaries at 512 px).
-DW_MIN_PIXELS = 32 * 32  # dense convs with fewer output pixels per image keep XLA's dW kernel
-DW_CHUNK_MIN_ROWS = 512  # a dW chunk holds the fewest images with at least this many output pixels
-IM2COL_MAX_CHANNELS = 128  # dense dW: one im2col matmul per chunk below this many input channels
-DW_GROUP_BLOCK = 32  # grouped dW: one dense matmul per tap per block of this many channels
-ELEMENTWISE_MAX_GROUP_CHANNELS = 8  # stride-1 grouped convs this narrow (in and out): one fusion
-
-
-def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: int):
-    """``x_ij`` for each kernel tap ``(i, j)`` in row-major order: the (padded) input pixels
-    the tap meets, ``[B, ho, wo, C]``."""
-    b, _, _, c = xp.shape
-    sh, sw = strides
-    for i in range(kh):
-        for j in range(kw):
-            yield jax.lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                                      (1, sh, sw, 1))
-
-
-# Grouped convs with at most this many input channels per group (and at most this many
-# groups) that cannot take the elementwise path (strided ones) run forward and input gradient
-# as ONE dense conv with a block-diagonal kernel on CPU: G times the FLOPs, yet XLA:CPU's dense
-# kernel is that much faster than its grouped one (ResNeXt-50 layer1, [12, 56, 56, 128], 32
-# groups of 4: fwd+dx 300 ms grouped, 66 ms dense; with 16 channels per group the grouped
-# kernel wins again).
-DENSE_GROUPED_MAX_CHANNELS = 8
-DENSE_GROUPED_MAX_GROUPS = 64
-
-
-def block_diagonal_kernel(w: jax.Array, groups: int) -> jax.Array:
-    """Grouped HWIO kernel ``[kh, kw, cin/G, cout]`` -> dense ``[kh, kw, cin, cout]`` whose
-    off-diagonal group blocks are zero (same conv, one group)."""
-    kh, kw, cg, cout = w.shape
-    wg = w.reshape(kh, kw, cg, groups, cout // groups)
-    full = jnp.einsum("hwigo,gG->hwGigo", wg, jnp.eye(groups, dtype=w.dtype))
-    return full.reshape(kh, kw, groups * cg, cout)
-
-
-def _xla_conv(x, w, strides, padding, groups):
-    """XLA's conv, or for narrow groups the equal dense conv with a block-diagonal kernel."""
-    if 1 < groups <= DENSE_GROUPED_MAX_GROUPS and w.shape[2] <= DENSE_GROUPED_MAX_CHANNELS:
-        w, groups = block_diagonal_kernel(w, groups), 1
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
-                                        feature_group_count=groups)
-
-
-def _takes_elementwise_path(w_shape: tuple, strides: tuple, groups: int) -> bool:
-    cg, cout = w_shape[2], w_shape[3]
-    return (groups > 1 and tuple(strides) == (1, 1) and cg <= ELEMENTWISE_MAX_GROUP_CHANNELS
-            and cout // groups <= ELEMENTWISE_MAX_GROUP_CHANNELS)
-
-
-def elementwise_grouped_conv(x: jax.Array, w: jax.Array, padding: tuple, groups: int) -> jax.Array:
-    """Stride-1 grouped conv ``[B, H, W, C] * [kh, kw, C/G, Cout] -> [B, H', W', Cout]`` as ONE
-    XLA loop fusion: ``y[..., g, o] = sum_{i, j, k} x_pad[.., h+i, w+j, g, k] * w[i, j, k, g, o]``
-    (``kh * kw * C/G`` multiply-adds per output; float32 accumulation). With a few channels
-    per group this is 4-5x faster on CPU than any convolution kernel XLA has for it."""
-    kh, kw, cg, cout = w.shape
-    co = cout // groups
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    zero = jnp.zeros((), x.dtype)
-    xp = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    b, hp, wp, _ = xp.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
-    xg = xp.reshape(b, hp, wp, groups, cg).astype(acc)
-    wg = w.reshape(kh, kw, cg, groups, co).astype(acc)
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            x_ij = xg[:, i:i + ho, j:j + wo]
-            for k in range(cg):
-                term = x_ij[..., k:k + 1] * wg[i, j, k]  # [B, ho, wo, G, 1] * [G, co]
-                y = term if y is None else y + term
-    return y.reshape(b, ho, wo, cout).astype(x.dtype)
-
-
-def _input_grad_elementwise(dy: jax.Array, w: jax.Array, padding: tuple, groups: int) -> jax.Array:
-    """Input gradient of :func:`elementwise_grouped_conv`: the same conv of ``dy`` with the
-    flipped kernel whose in- and out-channels are swapped within each group."""
-    kh, kw, cg, cout = w.shape
-    co = cout // groups
-    wt = w[::-1, ::-1].reshape(kh, kw, cg, groups, co).transpose(0, 1, 4, 3, 2).reshape(kh, kw, co, groups * cg)
-    wt = jax.lax.optimization_barrier(wt)  # fused into the big loop, the transpose doubled its time
-    pad_t = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding))
-    return elementwise_grouped_conv(dy, wt, pad_t, groups)
-
-
-def _batch_chunk(batch: int, pixels: int) -> int:
-    """Images per weight-gradient chunk: the fewest (dividing ``batch``) with at least
-    :data:`DW_CHUNK_MIN_ROWS` output pixels."""
-    return next((c for c in range(1, batch + 1) if batch % c == 0 and c * pixels >= DW_CHUNK_MIN_ROWS), batch)
-
-
-def _group_block(cin: int, cg: int) -> int:
-    """Channels per dense block of the grouped dW: the largest multiple of ``cg`` that divides
-    ``cin`` and is at most ``max(cg, DW_GROUP_BLOCK)``."""
-    return max(s for s in range(cg, max(cg, DW_GROUP_BLOCK) + 1, cg) if cin % s == 0)
-
-
-def _weight_grad(x: jax.Array, dy: jax.Array, w_shape: tuple, strides: tuple, padding: tuple,
-                 groups: int) -> jax.Array:
-    """Weight gradient ``[kh, kw, C/G, Cout]`` of a conv of ``x [B, H, W, C]`` with output
-    cotangent ``dy [B, ho, wo, Cout]``, as matmuls in a ``lax.scan`` over batch chunks.
-
-    ``dW[i, j] = sum over pixels of x_ij^T dy`` (``x_ij`` from :func:`_tap_slices`). Per chunk:
-    dense convs with narrow inputs take one im2col matmul ``[rows, kh*kw*C]^T @ [rows, Cout]``,
-    wider ones one matmul per tap; grouped convs one matmul per tap per block of
-    :func:`_group_block` channels, keeping the diagonal group blocks (XLA:CPU lowers a grouped
-    dW to an lhs-dilated convolution ~100x slower than the dense case, and a per-group batched
-    matmul with 4-8 channels runs far below the dense matmul's speed).
-    """
-    kh, kw, cg, cout = w_shape
-    b, ho, wo, _ = dy.shape
-    cin = x.shape[-1]
-    cb = _batch_chunk(b, ho * wo)
-    chunks = (x.reshape(b // cb, cb, *x.shape[1:]), dy.reshape(b // cb, cb * ho * wo, cout))
-    rows_t = (((0,), (0,)), ((), ()))  # A^T B over the pixel axis
-    f32 = jnp.float32
-    block = _group_block(cin, cg) if groups > 1 else cin
-    nblk, gpb, cog = cin // block, block // cg, cout // groups
-
-    def chunk_grad(xc, dc):  # [cb, H, W, C], [rows, Cout] -> [kh*kw, ...]
-        xp = jnp.pad(xc, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-        taps = [t.reshape(-1, cin) for t in _tap_slices(xp, kh, kw, strides, ho, wo)]
-        if groups == 1 and cin < IM2COL_MAX_CHANNELS:
-            cols = jnp.concatenate(taps, axis=1)
-            return jax.lax.dot_general(cols, dc, rows_t, preferred_element_type=f32).reshape(kh * kw, cin, cout)
-        if groups == 1:
-            return jnp.stack([jax.lax.dot_general(t, dc, rows_t, preferred_element_type=f32) for t in taps])
-        dblk = dc.reshape(-1, nblk, gpb * cog)
-        per_tap = []
-        for t in taps:
-            full = jnp.einsum("nsi,nso->sio", t.reshape(-1, nblk, block), dblk, preferred_element_type=f32)
-            full = full.reshape(nblk, gpb, cg, gpb, cog)
-            per_tap.append(jnp.einsum("sgigo->sgio", full).reshape(groups, cg, cog))  # diagonal blocks
-        return jnp.stack(per_tap)
-
-    out_shape = (kh * kw, cin, cout) if groups == 1 else (kh * kw, groups, cg, cog)
-    dw, _ = jax.lax.scan(lambda acc, xd: (acc + chunk_grad(*xd), None), jnp.zeros(out_shape, f32), chunks)
-    if groups > 1:
-        dw = dw.reshape(kh, kw, groups, cg, cog).transpose(0, 1, 3, 2, 4)
-    return dw.reshape(w_shape)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, groups: int) -> jax.Array:
-    if _takes_elementwise_path(w.shape, strides, groups):
-        return elementwise_grouped_conv(x, w, padding, groups)
-    return _xla_conv(x, w, strides, padding, groups)
-
-
-def _cpu_conv_fwd(x, w, strides, padding, groups):
-    return _cpu_conv(x, w, strides, padding, groups), (x, w)
-
-
-def _cpu_conv_bwd(strides, padding, groups, res, dy):
-    """Input gradient from the forward path's transpose; weight gradient from
-    :func:`_weight_grad`, except for dense convs with small outputs (XLA's kernel wins)."""
-    x, w = res
-    _, ho, wo, _ = dy.shape
-    if groups == 1 and ho * wo < DW_MIN_PIXELS:
-        _, vjp = jax.vjp(lambda x_, w_: _xla_conv(x_, w_, strides, padding, groups), x, w)
-        return vjp(dy)
-    if _takes_elementwise_path(w.shape, strides, groups):
-        dx = _input_grad_elementwise(dy, w, padding, groups)
-    else:
-        _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, w, strides, padding, groups), x)
-        (dx,) = vjp_x(dy)
-    return dx, _weight_grad(x, dy, w.shape, strides, padding, groups).astype(w.dtype)
-
-
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
-
-
-def _pointwise_conv(x: jax.Array, w: jax.Array, strides: tuple, precision=None) -> jax.Array:
-    """An unpadded 1x1 conv as one matmul: ``x[:, ::sh, ::sw]`` as ``[B*H'*W', Cin] @ w [Cin, Cout]``.
-
-    On XLA:CPU this beats the convolution kernel 2-10x in each of forward, input gradient and
-    weight gradient (all three become matmuls; 36 of ResNet-50's 53 convs are 1x1).
-    """
-    sh, sw = strides
-    if (sh, sw) != (1, 1):
-        x = x[:, ::sh, ::sw, :]
-    b, h, wd, cin = x.shape
-    y = jnp.dot(x.reshape(b * h * wd, cin), w.reshape(cin, w.shape[-1]), precision=precision)
-    return y.reshape(b, h, wd, w.shape[-1])
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``lax.conv_general_dilated`` with CPU-fast paths; every conv of the zoo goes through it.
+    """``lax.conv_general_dilated`` (same arguments); every conv of the zoo goes through it.
 
-    On the CPU backend, for convs with explicit NHWC/HWIO/NHWC dimension numbers and no
-    dilation: unpadded 1x1 convs run as one matmul (:func:`_pointwise_conv`); stride-1 grouped
-    convs with <= 8 channels per group run as one elementwise fusion
-    (:func:`elementwise_grouped_conv`), strided ones as block-diagonal dense convs
-    (:func:`_xla_conv`); grouped convs and dense convs with >= 32x32 outputs take their weight
-    gradients from matmuls in a loop over batch chunks (:func:`_weight_grad`).
-    All are tested equal to lax's outputs and gradients (tests/test_models.py). Other backends
-    (GPU/TPU have fast conv kernels), other layouts (``dimension_numbers=None`` means lax's
-    NCHW) and dilated convs go straight to lax.
+    On the CPU backend, with the switch of :mod:`covidmt_jax.models.cpu_conv` on (environment
+    variable ``COVIDMT_CPU_CONV``, config key ``model.cpu_conv_kernels``; on by default), NHWC
+    convs without dilation take that module's kernels (1x1 convs as matmuls, elementwise and
+    block-diagonal grouped convs, chunked matmul weight gradients). Otherwise, and on every
+    other backend, this is plain ``lax.conv_general_dilated``.
     """
-    nhwc = False
-    if dimension_numbers is not None and lhs.ndim == 4:
-        dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        nhwc = (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
-    simple = (jax.default_backend() == "cpu" and nhwc and not isinstance(padding, str)
-              and all(d in (None, 1) for d in (lhs_dilation or (1,)))
-              and all(d in (None, 1) for d in (rhs_dilation or (1,)))
-              and kwargs.get("preferred_element_type") is None and kwargs.get("out_sharding") is None)
-    if simple:
-        pad = tuple((int(lo), int(hi)) for lo, hi in padding)
-        strides = tuple(int(s) for s in window_strides)
-        if rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(p == (0, 0) for p in pad):
-            return _pointwise_conv(lhs, rhs, strides, precision)
-        if precision is None:
-            return _cpu_conv(lhs, rhs, strides, pad, int(feature_group_count))
+    if cpu_conv.handles(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs):
+        return cpu_conv.conv(lhs, rhs, window_strides, padding, feature_group_count, precision)
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision, **kwargs)
