@@ -574,7 +574,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-conv", default="auto",
                    help="CPU conv paths of the JAX step (covidmt_jax.models.cpu_conv): ';'-separated "
                         "settings measured in turn, each on, off, auto (COVIDMT_CPU_CONV), a "
-                        "comma-separated list of paths, or -path (all but that path)")
+                        "comma-separated list of paths, or -path (all but that path; write "
+                        "--cpu-conv=-path when the first setting starts with -)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat every measurement this many times, interleaved (settings innermost)")
     p.add_argument("--conv-probe", action="store_true",
