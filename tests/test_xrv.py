@@ -334,12 +334,12 @@ def test_audit_two_xrv_models_end_to_end_through_a_channel(tx, tmp_path):
     from covidmt_jax import score
     from covidmt_jax.scoring import config as cfg, loading
     torch, xrv = tx
-    rng = np.random.RandomState(0)
-    for cls in ("0_normal", "1_pneumonia"):
+    from covidmt_jax.data.synthetic import render_phantom
+    for k, (cls, findings) in enumerate((("0_normal", ()), ("1_pneumonia", ("Pneumonia",)))):
         (tmp_path / "images" / cls).mkdir(parents=True)
-        for i in range(3):
-            img = (np.add.outer(np.hanning(80), np.hanning(72)) * 100 + rng.randint(0, 50, (80, 72)))
-            Image.fromarray(img.astype(np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+        for i in range(3):  # phantom radiographs: the shipped lung U-Net finds their lungs
+            img = render_phantom(10 * k + i, size=(96, 88), findings=findings).image
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
     dn, _ = _their_densenet(torch, xrv)
     torch.save(dn.state_dict(), tmp_path / "d121.pt")
     torch.save(_their_resnet(torch, xrv).state_dict(), tmp_path / "r50.pt")  # wrapper: thresholds inside
