@@ -485,12 +485,16 @@ def summarize_condition(rows: Mapping[str, np.ndarray], arms: Sequence[str], cfg
            "unet": summarize(_unet_rows(rows), arms, **kw), "shortcut": {}}
     model = np.asarray(rows["model"], dtype=object)
     label = np.asarray(rows["label"])
+    def mean(x: np.ndarray) -> float:  # NaN (all-zero CAMs) left out; NaN when nothing is left
+        x = x[np.isfinite(x)]
+        return float(x.mean()) if len(x) else float("nan")
+
     for a in arms:
         sel = model == a
         out["shortcut"][a] = {
-            f"{k}_{side}_{cls}": float(np.nanmean(np.asarray(rows[f"{k}_{side}"])[sel & (label == v)]))
+            f"{k}_{side}_{cls}": mean(np.asarray(rows[f"{k}_{side}"])[sel & (label == v)])
             for k in ("cam_border", "cam_outside") for side in ("orig", "trans")
-            for cls, v in (("covid", 1), ("noncovid", 0)) if (sel & (label == v)).any()}
+            for cls, v in (("covid", 1), ("noncovid", 0))}
     return out
 
 
