@@ -334,27 +334,28 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
     rows = []
     for name in (sets or tuple(folders)):
         src = LungSetSource(folders[name], split=split)
-        for i in range(len(src)):
-            rec = src[i]
-            meta = rec["meta"]
-            g = load_grey(rec["image"], name=rec["id"])
-            ref = load_mask(rec["mask"], name=rec["id"])
-            probs = {c: seg.lung_masks([g])[0] for c, seg in segmenters.items()}
+        recs = [src[i] for i in range(len(src))]
+        greys = [load_grey(r["image"], name=r["id"]) for r in recs]
+        refs = [load_mask(r["mask"], name=r["id"]) for r in recs]
+        probs = {c: seg.lung_masks(greys) for c, seg in segmenters.items()}
+        trans = {}
+        if ch is not None:
+            sent = [ch.transmit_array(g, keep_size=True) for g in greys]
+            trans = {c: seg.lung_masks(sent) for c, seg in segmenters.items()}
+        for k, rec in enumerate(recs):
+            meta, ref = rec["meta"], refs[k]
             own = meta["convention"]
+            pk = {c: probs[c][k] for c in probs}
             row = {"id": rec["id"], "source": name, "convention": own, "tags": film_tags(meta),
                    "ref_frac": float(ref.mean()),
-                   "dice": float(dice(probs[own][None] >= 0.5, ref[None])[0]) if own in probs else float("nan")}
-            for c, p in probs.items():
-                other = [o for o in probs if o != c]
-                q = mask_qc(p, probs[other[0]] if other else None,
-                            other_is=other[0] if other else "anatomical")
-                row[f"qc_{c}"] = {k: v for k, v in q.items()}
+                   "dice": float(dice(pk[own][None] >= 0.5, ref[None])[0]) if own in pk else float("nan")}
+            for c, p in pk.items():
+                other = [o for o in pk if o != c]
+                row[f"qc_{c}"] = mask_qc(p, pk[other[0]] if other else None,
+                                         other_is=other[0] if other else "anatomical")
                 row[f"dice_{c}_vs_ref"] = float(dice(p[None] >= 0.5, ref[None])[0])
-            if ch is not None:
-                t = ch.transmit_array(g, keep_size=True)
-                for c, seg in segmenters.items():
-                    pt = seg.lung_masks([t])[0]
-                    row[f"stability_{c}"] = float(dice(pt[None] >= 0.5, probs[c][None] >= 0.5)[0])
+                if c in trans:
+                    row[f"stability_{c}"] = float(dice(trans[c][k][None] >= 0.5, p[None] >= 0.5)[0])
             rows.append(row)
     groups: dict[str, dict] = {}
     for tag in sorted({t for r in rows for t in r["tags"]}):
@@ -368,6 +369,52 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
             g[f"flagged_{c}"] = int(sum(r[f"qc_{c}"]["flagged"] for r in rs))
         groups[tag] = g
     return {"split": split, "channel": channel, "rows": rows, "groups": groups}
+
+
+def conventions_figure(data_root: str | Path, out: str | Path, *, n: int = 4, split: str = "val",
+                       segmenters: Mapping[str, Any] | None = None) -> Path:
+    """PNG of ``n`` films of ``split`` annotated both ways (QU-Ex fields + V7 anatomical):
+    per film, the reference contours (top) and both segmenters' predicted contours (bottom);
+    fields in cyan, anatomical in orange."""
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from covidmt_jax.data.images import load_grey, load_mask
+    from covidmt_jax.data.splits import folder_splits, set_folders
+    from covidmt_jax.lungs import lung_segmenter, resize_from_input
+    folders = set_folders(data_root)
+    v7, qx = folders["v7_covid_anatomical"], folders["quex_covid_fields"]
+    with open(v7 / "pairs.csv", newline="") as f:
+        by_name = {r["ieee8023_filename"]: r["stem"] for r in csv.DictReader(f)}
+    with open(qx / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    sp = folder_splits(qx)
+    films = [(r["stem"], by_name[r["ieee8023_filename"]]) for r in rows
+             if r["ieee8023_filename"] in by_name and sp[r["stem"]] == split][:n]
+    segs = segmenters or {c: lung_segmenter(c) for c in CONVENTIONS}
+    colours = {"fields": "cyan", "anatomical": "orange"}
+    fig, axes = plt.subplots(2, len(films), figsize=(2.6 * len(films), 5.4), squeeze=False)
+    for j, (q, a) in enumerate(films):
+        img = load_grey(v7 / "images" / f"{a}.png")
+        hw = img.shape
+        refs = {"anatomical": load_mask(v7 / "masks" / f"{a}.png"),
+                # the QU-Ex film is squashed to 256 x 256: unsquash its mask onto the V7 film
+                "fields": resize_from_input(load_mask(qx / "masks" / f"{q}.png").astype(np.float32), hw) >= 0.5}
+        preds = {c: seg.lung_masks([img])[0] >= 0.5 for c, seg in segs.items()}
+        for i, (title, masks) in enumerate((("reference", refs), ("predicted", preds))):
+            ax = axes[i, j]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            for c, m in masks.items():
+                ax.contour(m.astype(float), levels=[0.5], colors=colours[c], linewidths=1.0)
+            ax.set_title(f"{title}: {a}", fontsize=7)
+            ax.axis("off")
+    fig.suptitle("lung fields (cyan) vs anatomical lungs (orange)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
 
 
 def load_config(spec: str):

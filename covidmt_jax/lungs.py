@@ -38,7 +38,7 @@ __all__ = ["SHIPPED_DIR", "SEGMENTERS", "RESIZE_POLICIES", "LungSegmenter", "loa
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
 #: The shipped segmenters by convention name (the first is the default).
-SEGMENTERS = {"fields": _ASSETS / "lung_unet", "anatomical": _ASSETS / "lung_unet_anatomical"}
+SEGMENTERS = {"fields": _ASSETS / "lung_unet_fields", "anatomical": _ASSETS / "lung_unet_anatomical"}
 SHIPPED_DIR = SEGMENTERS["fields"]
 RESIZE_POLICIES = ("squash", "letterbox")
 
