@@ -237,7 +237,10 @@ def test_resnet50_import_equals_torchxrayvision(tx, tmp_path):
     for spec in (f"xrv:resnet50@{tmp_path / 'wrapper.pt'}", f"xrv:resnet50-res512-all@{tmp_path / 'release.pt'}"):
         m = jx.load_spec(spec, resolution=RES)
         xj = jnp.asarray(x.transpose(0, 2, 3, 1))
-        np.testing.assert_allclose(np.asarray(m.predict(xj)), ref, rtol=0, atol=1e-4)
+        # the random ResNet's features barely differ between images, so _calibrate_head scales
+        # the head up a lot and the logits become differences of large numbers: float noise of
+        # ~1e-4 on the calibrated outputs (the logits themselves: < 1e-4 relative, below)
+        np.testing.assert_allclose(np.asarray(m.predict(xj)), ref, rtol=0, atol=1e-3)
         assert np.abs(np.asarray(m(xj)) - ref_logits).max() / np.abs(ref_logits).max() < 1e-4
     no_thr = jx.load("resnet50", tmp_path / "release.pt", resolution=RES)
     assert no_thr.decision_thresholds is None
