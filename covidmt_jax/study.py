@@ -631,12 +631,43 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
 
 
 # ============================================================================ the run
+#: keys that may change between calls on one work directory (more arms or seeds)
+RESUME_FREE = ("arms", "seeds")
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def check_resume(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuse to continue a work directory made with other settings (anything but
+    :data:`RESUME_FREE`): finished arms and scores would be mixed with new ones."""
+    path = workdir / "study_config.json"
+    if not path.is_file():
+        return
+    old = {k: v for k, v in _flat(json.loads(path.read_text())).items() if k.split(".")[0] not in RESUME_FREE}
+    new = {k: v for k, v in _flat(json.loads(cfg.to_json_best_effort())).items()
+           if k.split(".")[0] not in RESUME_FREE}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"{workdir} holds a study made with other settings ({', '.join(diff)} differ: "
+                          f"e.g. {diff[0]} was {old.get(diff[0])!r}, now {new.get(diff[0])!r}); "
+                          f"use a new --workdir (only {list(RESUME_FREE)} may change)")
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Run (or resume) the whole study; returns the content of ``study.json``."""
     from covidmt_jax.report import jsonable
     validate(cfg)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_resume(cfg, workdir)
     (workdir / "study_config.json").write_text(cfg.to_json_best_effort(indent=2))
     arm_configs(cfg)
     manifest = split_manifest(cfg)
@@ -662,8 +693,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         probe_path.write_text(json.dumps(jsonable(source_probe(cfg)), indent=2))
     study["probe"] = json.loads(probe_path.read_text())
     if cfg.max_per_class >= 0 or cfg.max_test_per_class >= 0:
-        study["reduced"] = (f"at most {cfg.max_per_class} training/validation and {cfg.max_test_per_class} "
-                            f"test films per class")
+        def most(n: int, what: str) -> str:
+            return f"all {what} films" if n < 0 else f"at most {n} {what} films per class"
+        study["reduced"] = f"{most(cfg.max_per_class, 'training/validation')}, {most(cfg.max_test_per_class, 'test')}"
     study["wall_s_this_call"] = time.time() - t0
     (workdir / "study.json").write_text(json.dumps(jsonable(study), indent=1, allow_nan=False, default=float))
     path = write_report(cfg, workdir, study)

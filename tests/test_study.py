@@ -214,3 +214,17 @@ def test_tiny_study_end_to_end_and_resume(shared_data, tmp_path):
     both = study.read_rows([wa / "rows_baseline.csv", wa / "rows_multitask_channel.csv"])
     assert list(both["pair_id"][:4]) == list(both["pair_id"][4:])  # the same test films
     assert "| baseline vs multitask_channel |" in (tmp_path / "report.md").read_text()
+    cfg.image_size = 48  # other settings: refused, nothing is mixed
+    with pytest.raises(ConfigError, match="image_size"):
+        study.run(cfg, tmp_path)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = _config("study_real")
+    study.check_resume(cfg, tmp_path)  # nothing there yet
+    (tmp_path / "study_config.json").write_text(cfg.to_json_best_effort())
+    cfg.arms, cfg.seeds = ("baseline",), (7,)
+    study.check_resume(cfg, tmp_path)  # arms and seeds may change
+    cfg.score.qualities = (50,)
+    with pytest.raises(ConfigError, match="score.qualities"):
+        study.check_resume(cfg, tmp_path)
