@@ -83,3 +83,13 @@ def reexec_for_cpu(argv: Sequence[str], *, module: str | None = None, script: st
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *head, *argv], env)
+
+
+def shell_exports() -> str:
+    """:data:`MALLOC_ENV` as ``export NAME=VALUE`` lines, for scripts that start many Python
+    processes (``.ci/run``: ``eval "$(python -m covidmt_jax.cpu_malloc)"``)."""
+    return "\n".join(f"export {k}={v}" for k, v in MALLOC_ENV.items())
+
+
+if __name__ == "__main__":
+    print(shell_exports())

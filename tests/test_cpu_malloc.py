@@ -45,3 +45,9 @@ def test_reexec_sets_the_env_once_and_keeps_the_arguments(tmp_path):
     off = subprocess.run([sys.executable, str(script)], text=True, capture_output=True,
                          env={**env, "JAX_PLATFORMS": "cpu", "COVIDMT_NO_MALLOC_TUNING": "1"})
     assert off.stdout.count("START") == 1 and "ARENA None" in off.stdout
+
+
+def test_shell_exports_are_the_module_settings():
+    out = subprocess.run([sys.executable, "-m", "covidmt_jax.cpu_malloc"], text=True,
+                         capture_output=True, cwd=ROOT, check=True).stdout.split("\n")
+    assert [line for line in out if line] == [f"export {k}={v}" for k, v in cpu_malloc.MALLOC_ENV.items()]
