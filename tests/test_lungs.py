@@ -3,6 +3,7 @@ shipped U-Net's quality on real, independent lung masks."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,29 @@ def test_anatomical_mask_larger_and_contains_fields_on_films_annotated_both_ways
     for s, f, a in zip(films, fields, anat):
         assert a.sum() > f.sum(), s
         assert (f & a).sum() / f.sum() > 0.8, s
+
+
+@pytest.mark.skipif(not _SHIPPED_BOTH, reason="the two shipped segmenters are not in this checkout")
+def test_score_with_both_conventions_end_to_end(tmp_path):
+    """``lungs=both``: each row holds IOL under both conventions (``iol``, ``iol_anatomical``)."""
+    import csv
+    from covidmt_jax import score
+    from covidmt_jax.scoring.loading import lung_dirs
+    from covidmt_jax.lungs import SEGMENTERS
+    assert list(lung_dirs("both")) == ["fields", "anatomical"] and lung_dirs("both") == SEGMENTERS
+    d = tmp_path / "resnet18"
+    save_model(d, models.create("resnet18", rngs=0, num_classes=1, in_channels=1), name="resnet18",
+               model_kwargs={"num_classes": 1, "in_channels": 1})
+    demo = Path(__file__).resolve().parents[1] / "configs" / "score_demo.py"
+    work = tmp_path / "run"
+    argv = ["score", f"--config={demo}:model={d},lungs=both,n=4,size=64,name=resnet18", f"--workdir={work}",
+            "--config.batch_size=4", "--config.n_boot=50", "--config.progress=False"]
+    assert score.main(argv) == 0
+    with open(work / "rows.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert {"iol_orig", "iol_trans", "iol_orig_anatomical", "lung_frac_orig_anatomical"} <= set(rows[0])
+    ok = [r for r in rows if not r["error"]]
+    assert ok and all(0 < float(r["lung_frac_orig_anatomical"]) < 1 for r in ok)
+    summary = (work / "summary.json").read_text()
+    assert "anatomical" in summary

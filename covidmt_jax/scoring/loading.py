@@ -158,10 +158,13 @@ def load_classifiers(cfg: ml_collections.ConfigDict) -> dict[str, tuple[nnx.Modu
 def lung_dirs(spec: str) -> dict[str, Path]:
     """THE resolver of ``config.lungs``: ``{convention name: exported U-Net directory}``, the
     default convention first. ``""`` is the shipped ``"fields"`` U-Net, a name of
-    :data:`covidmt_jax.lungs.SEGMENTERS` that shipped segmenter, anything else an export
+    :data:`covidmt_jax.lungs.SEGMENTERS` that shipped segmenter, ``"both"`` both shipped
+    segmenters (fields first, anatomical columns suffixed ``_anatomical``), anything else an export
     directory (convention :data:`DEFAULT_LUNGS`)."""
     if not spec:
         return {"fields": lung_lib.SEGMENTERS["fields"]}
+    if spec == "both":  # every shipped convention, the default ("fields") first
+        return dict(lung_lib.SEGMENTERS)
     if spec in lung_lib.SEGMENTERS:
         return {spec: lung_lib.SEGMENTERS[spec]}
     return {DEFAULT_LUNGS: Path(spec)}
