@@ -195,6 +195,12 @@ def findings(per_seed: Sequence[Mapping[str, Mapping]], seed_p: Sequence[Mapping
             out.append(f"Caution: {name} had NOT learned the COVID task in seed(s) "
                        f"{', '.join(map(str, low))} (validation ROC-AUC below {LOW_AUC}; chance is "
                        "0.5): its PI and OLS there describe a near-chance classifier.")
+    for name in MODELS.values():  # where each model's heat maps lie, as a range over the seeds
+        o = [f[name]["ols_orig"] for f in per_seed]
+        if all(math.isfinite(x) for x in o):
+            out.append(f"{name}: heat map mostly outside the lungs (OLS, originals) on "
+                       f"{min(o):.1f}–{max(o):.1f} % of the test pairs over the seeds (at least "
+                       f"{min(o):.1f} % in every seed).")
     comp, sign = model_comparison(pooled)
     for key, label, unit, path in COMPARED:
         d = [f[MT][key] - f[BASE][key] for f in per_seed]
