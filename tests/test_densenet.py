@@ -14,6 +14,7 @@ from flax import nnx
 
 from covidmt_jax import explain, models
 from covidmt_jax.weights import load_torch_weights, torch_key
+from torch_helpers import randomise_batchnorm
 
 REL_TOL = 1e-4
 SIZES = [(64, 64), (96, 80)]
@@ -29,15 +30,7 @@ def _torch_densenet(name, num_classes=10):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     tm = getattr(tv.models, name)(weights=None, num_classes=num_classes)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-    return tm.eval()
+    return randomise_batchnorm(tm)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from covidmt_jax import models
 from covidmt_jax.weights import (WeightImportError, load_torch_weights, read_state_dict, torch_key,
                                  xrv_state_dict)
+from torch_helpers import randomise_batchnorm
 
 REL_TOL = 1e-4
 
@@ -40,15 +41,7 @@ def _torch_model(name):
             def last(x, m=tm):
                 x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
                 return m.layer4(m.layer3(m.layer2(m.layer1(x))))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-    return tm.eval(), last, source
+    return randomise_batchnorm(tm), last, source
 
 
 def _save_both(tm, tmp_path):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from covidmt_jax import xrv as jx
 from covidmt_jax.normalisation import normalise
 from covidmt_jax import models
+from torch_helpers import randomise_batchnorm
 
 RES = 64
 
@@ -129,13 +130,7 @@ def _their_densenet(torch, xrv, *, with_thresholds=True):
     tm = xrv.models.DenseNet(weights=None, op_threshs=thr if with_thresholds else None)
     assert not hasattr(tm, "input_resolution")  # weights=None: nothing was loaded
     tm.input_resolution = RES  # its forward resizes to this, like the 224-px release models
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in tm.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-    return tm.eval(), thr
+    return randomise_batchnorm(tm, affine=False), thr
 
 
 def _their_resnet(torch, xrv):
