@@ -370,28 +370,6 @@ def decision_threshold(model: XrvClassifier, target: str, default: float) -> flo
 
 
 # ============================================================================ scoring kind
-def _config_error(msg: str) -> Exception:
-    from covidmt_jax.config_lib import ConfigError
-    return ConfigError(msg)
-
-
-def check_entry(name: str, entry: Mapping[str, Any]) -> None:
-    """Checks of a scoring ``kind="xrv"`` entry before anything is loaded: ``model`` is an
-    architecture or weight-set name, ``task`` one of :data:`PATHOLOGIES`, ``path`` given."""
-    where = f"config.classifiers.{name}"
-    try:
-        parse_name(str(entry.get("model")))
-    except ValueError as e:
-        raise _config_error(f"{where}.model (kind='xrv'): {e}") from None
-    if entry.get("task") not in PATHOLOGIES:
-        raise _config_error(f"{where}.task must be the scored torchxrayvision output, one of "
-                            f"{list(PATHOLOGIES)} (e.g. 'Pneumonia'), got {entry.get('task')!r}")
-    if not entry.get("path"):
-        raise _config_error(f"{where}.path (the weight file) is needed for kind='xrv'")
-    if entry.get("activation", "sigmoid") != "sigmoid":
-        raise _config_error(f"{where}.activation must be 'sigmoid' for kind='xrv' (multi-label outputs)")
-
-
 def load_entry(entry: Mapping[str, Any], dtype: Any = jnp.float32) -> XrvClassifier:
     """The classifier of a scoring ``kind="xrv"`` entry, reading the data pipeline's
     normalised images (``input_scale="pipeline"``)."""

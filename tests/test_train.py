@@ -301,8 +301,13 @@ def test_nan_loss_stops_naming_step_and_task(tmp_path):
     assert not (tmp_path / "export" / "final").exists()
 
 
+# Configs of other CLIs: score_* (covidmt_jax.score), study_* (covidmt_jax.study: tests/test_study.py),
+# unet_lungs_conventions (covidmt_jax.lung_training).
+OTHER_CLIS = ("score_", "study_", "unet_lungs_conventions")
+
+
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "configs").glob("*.py")
-                                                if not p.name.startswith("score_")))
+                                                if not p.name.startswith(OTHER_CLIS)))
 def test_every_training_config_validates_and_binds_its_sources(config_file):
     """Each shipped config passes validation, and every data entry's kwargs bind to its
     source's constructor (catches renamed arguments without needing the real datasets)."""

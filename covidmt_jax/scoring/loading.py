@@ -98,10 +98,28 @@ def _check_torch(name: str, entry: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.classifiers.{name}.model (zoo name) is needed for kind='torch'")
 
 
+def _check_xrv(name: str, entry: Mapping[str, Any]) -> None:
+    """A ``kind="xrv"`` entry before anything is loaded: ``model`` is a torchxrayvision
+    architecture or weight-set name, ``task`` one of :data:`covidmt_jax.xrv.PATHOLOGIES`,
+    ``path`` given, sigmoid outputs."""
+    where = f"config.classifiers.{name}"
+    try:
+        xrv_lib.parse_name(str(entry.get("model")))
+    except ValueError as e:
+        raise ConfigError(f"{where}.model (kind='xrv'): {e}") from None
+    if entry.get("task") not in xrv_lib.PATHOLOGIES:
+        raise ConfigError(f"{where}.task must be the scored torchxrayvision output, one of "
+                          f"{list(xrv_lib.PATHOLOGIES)} (e.g. 'Pneumonia'), got {entry.get('task')!r}")
+    if not entry.get("path"):
+        raise ConfigError(f"{where}.path (the weight file) is needed for kind='xrv'")
+    if entry.get("activation", "sigmoid") != "sigmoid":
+        raise ConfigError(f"{where}.activation must be 'sigmoid' for kind='xrv' (multi-label outputs)")
+
+
 register_classifier_kind("export", load=_load_export)
 register_classifier_kind("torch", load=_load_torch, check=_check_torch)
 # torchxrayvision classifiers (model=ARCH or weight set, path=FILE, task=PATHOLOGY): covidmt_jax.xrv
-register_classifier_kind("xrv", load=xrv_lib.load_entry, check=xrv_lib.check_entry)
+register_classifier_kind("xrv", load=xrv_lib.load_entry, check=_check_xrv)
 
 
 # ---------------------------------------------------------------------------- classifiers
