@@ -46,6 +46,7 @@ from covidmt_jax.data.lung_augment import LungAugment
 from covidmt_jax.data.sources.lungs import CONVENTIONS, LungSetSource
 from covidmt_jax.lungs import RESIZE_POLICIES, resize_to_input
 from covidmt_jax.normalisation import normalise
+from covidmt_jax.report import jsonable
 
 log = logging.getLogger("covidmt_jax.lung_training")
 
@@ -285,7 +286,7 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
                 rec = {"step": i, "loss": float(np.mean(losses[-cfg.eval_every:])), "val_dice": d,
                        "mean": score, "elapsed_s": round(time.time() - t_start, 1)}
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(json.dumps(jsonable(rec), allow_nan=False) + "\n")  # strict JSON: NaN -> null
                 log.info("eval %s", rec)
                 if score > best:
                     best, best_step = score, i
@@ -459,13 +460,13 @@ def main(argv=None):
             segs[conv] = lung_segmenter(d or conv)
         res = evaluate(segs, a.root, split=a.split, channel=a.channel or None, resize=a.resize,
                        sets=tuple(filter(None, a.sets.split(","))) or None)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+        Path(a.out).write_text(json.dumps(jsonable(res), indent=1, allow_nan=False))
         for tag, g in res["groups"].items():
             print(f"{tag:45s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in g.items()))
         return
     cfg = load_config(a.config)
-    print(json.dumps(train(cfg, a.workdir)))
+    print(json.dumps(jsonable(train(cfg, a.workdir)), allow_nan=False))
 
 
 if __name__ == "__main__":
