@@ -22,18 +22,25 @@ validation splits of :mod:`covidmt_jax.data.splits`; figures in the README's mod
   (median 0.86) and the anatomical mask contains nearly all of the fields mask, so a larger
   disagreement means at least one of the two masks is wrong.
 
-All figures are computed in numpy on the map at any resolution (fractions are resolution
-free; the component-size floor scales with the image area).
+All figures are computed on the map at any resolution (fractions are resolution free; the
+component-size floor scales with the image area). They are made of integer pixel counts
+(:func:`map_counts`, :func:`convention_counts`; numpy or ``jax.numpy``) and the number of large
+components (:func:`large_components`, scipy on the host); :func:`qc_flags` is the one place the
+thresholds are applied. The scoring job (:mod:`covidmt_jax.scoring.step`) counts on the device
+and gets the same result as :func:`mask_qc` on the same map.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["QCThresholds", "DEFAULT_THRESHOLDS", "QC_FLAGS", "mask_qc", "qc_batch", "qc_counts"]
+__all__ = ["QCThresholds", "DEFAULT_THRESHOLDS", "QC_FLAGS", "mask_qc", "qc_batch", "qc_counts",
+           "map_counts", "convention_counts", "figures_from_counts", "large_components",
+           "qc_flags", "qc_result", "flags_text", "parse_flags"]
 
 QC_FLAGS = ("fraction", "components", "confidence", "disagreement")
 
@@ -72,6 +79,88 @@ def _prob(p: Any, name: str) -> np.ndarray:
     return a
 
 
+def map_counts(prob: Any, thresholds: QCThresholds = DEFAULT_THRESHOLDS, *, xp: Any = np
+               ) -> dict[str, Any]:
+    """Pixel counts of probability map(s) ``prob [..., H, W]`` (float32) that the figures of
+    :func:`mask_qc` are made of: ``{"lung": p >= 0.5, "uncertain": lo < p < hi (the uncertain
+    band), "lungish": p > lungish}``, each ``[...]`` int32.
+
+    ``xp``: the array module (``numpy``, or ``jax.numpy`` inside a jitted step); the counts are
+    integers, so both give the same figures (:func:`figures_from_counts`)."""
+    lo, hi = thresholds.uncertain_band
+    dt = prob.dtype
+    count = lambda m: xp.sum(m, axis=(-2, -1), dtype=xp.int32)  # noqa: E731
+    return {"lung": count(prob >= xp.asarray(0.5, dt)),
+            "uncertain": count((prob > xp.asarray(lo, dt)) & (prob < xp.asarray(hi, dt))),
+            "lungish": count(prob > xp.asarray(thresholds.lungish, dt))}
+
+
+def convention_counts(fields: Any, anatomical: Any, *, xp: Any = np) -> dict[str, Any]:
+    """Pixel counts of two boolean lung masks ``[..., H, W]`` of one film under the fields and
+    the anatomical convention: ``{"fields", "anatomical", "both"}`` (``[...]`` int32)."""
+    count = lambda m: xp.sum(m, axis=(-2, -1), dtype=xp.int32)  # noqa: E731
+    return {"fields": count(fields), "anatomical": count(anatomical),
+            "both": count(fields & anatomical)}
+
+
+def figures_from_counts(counts: Mapping[str, Any], size: int,
+                        conventions: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Resolution-free figures of ONE map from its :func:`map_counts` (``size`` = H * W pixels)
+    and, optionally, its :func:`convention_counts`: ``{"lung_frac", "uncertain_frac",
+    "convention_dice", "fields_inside"}`` (the last two NaN without ``conventions``; an empty
+    fields mask is inside, two empty masks agree: both 1.0)."""
+    out = {"lung_frac": int(counts["lung"]) / size,
+           "uncertain_frac": int(counts["uncertain"]) / max(int(counts["lungish"]), 1),
+           "convention_dice": float("nan"), "fields_inside": float("nan")}
+    if conventions is not None:
+        f, a, both = (int(conventions[k]) for k in ("fields", "anatomical", "both"))
+        out["convention_dice"] = 2 * both / (f + a) if f + a else 1.0
+        out["fields_inside"] = both / f if f else 1.0
+    return out
+
+
+def large_components(mask: Any, thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> int:
+    """Connected components (8-connectivity) of a boolean mask ``[H, W]`` with at least
+    ``min_component`` of the image's pixels."""
+    m = np.asarray(mask, bool)
+    labels, n = ndimage.label(m, structure=_EIGHT)
+    sizes = np.bincount(labels.ravel())[1:] if n else np.zeros(0, np.int64)
+    return int((sizes >= thresholds.min_component * m.size).sum())
+
+
+def qc_flags(lung_frac: float, n_large_components: int, uncertain_frac: float,
+             convention_dice: float = float("nan"), fields_inside: float = float("nan"), *,
+             thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> list[str]:
+    """THE flag decision: the names of the :data:`QC_FLAGS` that fire for one map's figures
+    (``disagreement`` only when the convention figures are given, i.e. not NaN)."""
+    t = thresholds
+    flags = []
+    if not t.min_fraction <= lung_frac <= t.max_fraction:
+        flags.append("fraction")
+    if n_large_components != t.n_components:
+        flags.append("components")
+    if uncertain_frac > t.max_uncertain:
+        flags.append("confidence")
+    if not (math.isnan(convention_dice) and math.isnan(fields_inside)):
+        if convention_dice < t.min_convention_dice or fields_inside < t.min_fields_inside:
+            flags.append("disagreement")
+    return flags
+
+
+def qc_result(counts: Mapping[str, Any], size: int, n_large_components: int,
+              conventions: Mapping[str, Any] | None = None, *,
+              thresholds: QCThresholds = DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """The :func:`mask_qc` result of one map from its counts (:func:`map_counts`,
+    :func:`convention_counts`) and its :func:`large_components` (the scoring step computes the
+    counts on the device and the components on the host)."""
+    fig = figures_from_counts(counts, size, conventions)
+    flags = qc_flags(fig["lung_frac"], n_large_components, fig["uncertain_frac"],
+                     fig["convention_dice"], fig["fields_inside"], thresholds=thresholds)
+    return {"lung_frac": fig["lung_frac"], "n_large_components": int(n_large_components),
+            "uncertain_frac": fig["uncertain_frac"], "convention_dice": fig["convention_dice"],
+            "fields_inside": fig["fields_inside"], "flags": flags, "flagged": bool(flags)}
+
+
 def mask_qc(prob: Any, other: Any | None = None, *, thresholds: QCThresholds = DEFAULT_THRESHOLDS,
             other_is: str = "anatomical") -> dict[str, Any]:
     """QC of one lung probability map ``prob [H, W]``.
@@ -82,26 +171,11 @@ def mask_qc(prob: Any, other: Any | None = None, *, thresholds: QCThresholds = D
 
     Returns ``{"lung_frac", "n_large_components", "uncertain_frac", "convention_dice"
     (NaN without ``other``), "fields_inside" (NaN without), "flags": [names of the
-    :data:`QC_FLAGS` that fire], "flagged": bool}``.
+    :data:`QC_FLAGS` that fire], "flagged": bool}`` (:func:`qc_result`).
     """
-    t = thresholds
     p = _prob(prob, "prob")
     m = p >= 0.5
-    frac = float(m.mean())
-    labels, n = ndimage.label(m, structure=_EIGHT)
-    sizes = np.bincount(labels.ravel())[1:] if n else np.zeros(0, np.int64)
-    n_large = int((sizes >= t.min_component * m.size).sum())
-    lungish = p > t.lungish
-    lo, hi = t.uncertain_band
-    unc = float(((p > lo) & (p < hi)).sum() / max(int(lungish.sum()), 1))
-    flags = []
-    if not t.min_fraction <= frac <= t.max_fraction:
-        flags.append("fraction")
-    if n_large != t.n_components:
-        flags.append("components")
-    if unc > t.max_uncertain:
-        flags.append("confidence")
-    cdice = inside = float("nan")
+    conv = None
     if other is not None:
         if other_is not in ("anatomical", "fields"):
             raise ValueError(f"other_is must be 'anatomical' or 'fields', got {other_is!r}")
@@ -111,13 +185,23 @@ def mask_qc(prob: Any, other: Any | None = None, *, thresholds: QCThresholds = D
             o = np.clip(_resize(o, p.shape), 0.0, 1.0)
         om = o >= 0.5
         fields, anat = (m, om) if other_is == "anatomical" else (om, m)
-        total = int(fields.sum() + anat.sum())
-        cdice = float(2 * (fields & anat).sum() / total) if total else 1.0
-        inside = float((fields & anat).sum() / fields.sum()) if fields.any() else 1.0
-        if cdice < t.min_convention_dice or inside < t.min_fields_inside:
-            flags.append("disagreement")
-    return {"lung_frac": frac, "n_large_components": n_large, "uncertain_frac": unc,
-            "convention_dice": cdice, "fields_inside": inside, "flags": flags, "flagged": bool(flags)}
+        conv = convention_counts(fields, anat)
+    return qc_result(map_counts(p, thresholds), m.size, large_components(m, thresholds), conv,
+                     thresholds=thresholds)
+
+
+def flags_text(flags: Sequence[str]) -> str:
+    """A result's flags as one row cell: ``";"``-joined names, ``""`` when clean."""
+    return ";".join(flags)
+
+
+def parse_flags(text: str) -> list[str]:
+    """The flags of a row cell (:func:`flags_text`); raises on an unknown name."""
+    flags = [f for f in str(text or "").split(";") if f]
+    bad = [f for f in flags if f not in QC_FLAGS]
+    if bad:
+        raise ValueError(f"unknown lung QC flag(s) {bad}; known: {list(QC_FLAGS)}")
+    return flags
 
 
 def qc_batch(probs: Sequence[Any], others: Sequence[Any] | None = None, *,

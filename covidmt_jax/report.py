@@ -9,7 +9,8 @@
   pairs both scored (:func:`compare_models`: PI and OLS differences with Newcombe intervals
   and exact McNemar p, ROC-AUC differences with DeLong). Every score uses the rows of that
   model without an error; NaN (undefined, e.g. no positive label) is written as ``null`` in
-  ``summary.json`` (:func:`jsonable`).
+  ``summary.json`` (:func:`jsonable`). With the lung-mask QC columns: the QC counts per side
+  (:func:`lung_qc_summary`) and, per model, OLS also without the images whose mask is flagged.
 - :func:`write_report` — ``report.md`` (paper-style tables: PI like Table 2, OLS original vs
   transmitted like Figs. 4 / 7) and PNG plots (``pi.png``, ``ols.png``, ``iol_hist.png``) and
   overlay galleries ``gallery_<model>_{flipped,random}.png`` (original beside transmitted:
@@ -29,9 +30,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from covidmt_jax import metrics
+from covidmt_jax.lung_qc import QC_FLAGS, parse_flags, qc_counts
 
 __all__ = ["summarize", "model_summary", "compare_models", "interval_methods", "jsonable",
-           "write_report", "write_sweep_report", "gallery_figure"]
+           "lung_qc_summary", "write_report", "write_sweep_report", "gallery_figure"]
+
+#: Row columns of the lung-mask QC flags per side (:data:`covidmt_jax.scoring.rows.QC_COLUMNS`).
+QC_SIDES = (("original", "qc_flags_orig"), ("transmitted", "qc_flags_trans"))
+#: Flagged pairs listed in ``summary.json["lung_qc"]["examples"]`` and ``report.md``.
+QC_EXAMPLES = 8
 
 
 # ============================================================================ numbers
@@ -132,10 +139,14 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
     iols = {}
     for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans")):
         iol = iols[side] = np.asarray(rows[key], np.float64)[ok]
-        counts = metrics.ols_counts(iol, eta)
-        s = metrics.ols_score_ci(iol, eta, alpha=alpha, method=method)
-        out["ols"][side] = {**counts, "lo": s[1], "hi": s[2],
-                            "mean_iol": float(np.nanmean(iol)) if np.isfinite(iol).any() else float("nan")}
+        out["ols"][side] = _ols_side(iol, eta, alpha, method)
+    if all(col in rows for _, col in QC_SIDES):
+        out["ols_without_flagged"] = {}
+        for side, col in QC_SIDES:
+            flagged = np.asarray([bool(parse_flags(f)) for f in np.asarray(rows[col], dtype=object)[ok]],
+                                 bool)
+            out["ols_without_flagged"][side] = {**_ols_side(iols[side][~flagged], eta, alpha, method),
+                                                "n_flagged": int(flagged.sum())}
     out["ols_orig_vs_trans"] = metrics.ols_paired_comparison(iols["original"], iols["transmitted"],
                                                              eta, alpha)
     out["lung_frac"] = {"original": float(np.mean(np.asarray(rows["lung_frac_orig"])[ok])),
@@ -152,6 +163,43 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
         out["accuracy_orig_vs_trans"] = metrics.paired_comparison(do[known] == y, dt[known] == y,
                                                                   alpha)
         out["roc_auc_orig_vs_trans"] = metrics.roc_auc_compare(y, po[known], pt[known], alpha)
+    return out
+
+
+def _ols_side(iol: np.ndarray, eta: float, alpha: float, method: str) -> dict[str, Any]:
+    """OLS of one side's IOLs: :func:`covidmt_jax.metrics.ols_counts` with its binomial interval
+    and the mean IOL (no image at all, e.g. every one flagged: counts 0, score NaN)."""
+    if not len(iol):
+        nan = float("nan")
+        return {"score": nan, "n_total": 0, "n_used": 0, "n_empty": 0, "n_out": 0,
+                "eta": float(eta), "empty": "exclude", "lo": nan, "hi": nan, "mean_iol": nan}
+    s = metrics.ols_score_ci(iol, eta, alpha=alpha, method=method)
+    return {**metrics.ols_counts(iol, eta), "lo": s[1], "hi": s[2],
+            "mean_iol": float(np.nanmean(iol)) if np.isfinite(iol).any() else float("nan")}
+
+
+def lung_qc_summary(rows: Mapping[str, np.ndarray], examples: int = QC_EXAMPLES
+                    ) -> dict[str, Any] | None:
+    """Lung-mask QC over the pairs with at least one row without an error (the masks are the
+    same for every model; a pair's first such row is read): ``{"original": qc_counts,
+    "transmitted": qc_counts, "examples": [{"pair_id", "original": [flags], "transmitted":
+    [flags]}]}`` (the first ``examples`` flagged pairs, by ``index`` where rows have it); None without the QC
+    columns (:data:`QC_SIDES`)."""
+    if not all(col in rows for _, col in QC_SIDES):
+        return None
+    ids = np.asarray(rows["pair_id"], dtype=object)
+    ok = np.flatnonzero(np.asarray(rows["error"], dtype=object) == "")
+    if "index" in rows:
+        ok = ok[np.argsort(np.asarray(rows["index"])[ok], kind="stable")]
+    first: dict[str, int] = {}
+    for i in ok:
+        first.setdefault(str(ids[i]), int(i))
+    flags = {side: [parse_flags(rows[col][i]) for i in first.values()] for side, col in QC_SIDES}
+    out: dict[str, Any] = {side: qc_counts([{"flags": f, "flagged": bool(f)} for f in v])
+                           for side, v in flags.items()}
+    out["examples"] = [{"pair_id": pid, **{side: flags[side][j] for side, _ in QC_SIDES}}
+                       for j, pid in enumerate(first)
+                       if any(flags[side][j] for side, _ in QC_SIDES)][:examples]
     return out
 
 
@@ -207,7 +255,8 @@ def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: flo
               method: str = "clopper-pearson") -> dict[str, Any]:
     """``{"models": {name: model_summary}, "comparisons": [compare_models for each pair of
     models, in the order given], "n_pairs", "n_pairs_with_error", "eta", "alpha", "ci",
-    "intervals"}``.
+    "intervals"}`` and, when the rows have the QC columns, ``"lung_qc"``
+    (:func:`lung_qc_summary`).
 
     ``ci`` is a one-line description of the proportion intervals and ``intervals``
     (:func:`interval_methods`) describes each interval and test. A model with two scored rows
@@ -228,9 +277,13 @@ def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: flo
     ids = np.asarray(rows["pair_id"], dtype=object)
     bad = ids[np.asarray(rows["error"], dtype=object) != ""]
     intervals = interval_methods(alpha, method)
-    return {"models": per, "comparisons": comparisons, "n_pairs": int(len(set(ids.tolist()))),
-            "n_pairs_with_error": int(len(set(bad.tolist()))), "eta": float(eta),
-            "alpha": float(alpha), "ci": intervals["proportions"], "intervals": intervals}
+    out = {"models": per, "comparisons": comparisons, "n_pairs": int(len(set(ids.tolist()))),
+           "n_pairs_with_error": int(len(set(bad.tolist()))), "eta": float(eta),
+           "alpha": float(alpha), "ci": intervals["proportions"], "intervals": intervals}
+    qc = lung_qc_summary(rows)
+    if qc is not None:
+        out["lung_qc"] = qc
+    return out
 
 
 # ============================================================================ formatting
@@ -352,7 +405,8 @@ def gallery_figure(panels: Sequence[Mapping[str, Any]], title: str, path: Path,
 
     Each panel dict: ``image_orig``/``image_trans`` ``[S, S]`` in [0, 1], ``cam_*`` ``[S, S]``,
     ``lung_*`` ``[S, S]`` probabilities, ``prob_*``, ``iol_*``, ``threshold``, ``pair_id``,
-    ``label``. The heat-map region (``cam >= cam_threshold``) is outlined in white.
+    ``label`` and optionally ``note`` (a line under the pair id). The heat-map region
+    (``cam >= cam_threshold``) is outlined in white.
     """
     plt = _plt()
     n = len(panels)
@@ -375,7 +429,8 @@ def gallery_figure(panels: Sequence[Mapping[str, Any]], title: str, path: Path,
                 a1.contour(cam, levels=[cam_threshold], colors="white", linewidths=0.6)
             a1.set_title(f"p={prob:.3f} {dec}  IOL={'–' if not np.isfinite(iol) else f'{iol:.2f}'}",
                          fontsize=8)
-        axes[r][0].set_ylabel(str(p["pair_id"])[-28:], fontsize=7)
+        note = f"\n{p['note']}" if p.get("note") else ""
+        axes[r][0].set_ylabel(str(p["pair_id"])[-28:] + note, fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
@@ -448,6 +503,7 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
         L += _md_table(["model", "pairs", "OLS % orig", "OLS % trans", "orig − trans pp [95 % CI]",
                         "b", "c", "McNemar exact p", "pairs excluded (empty map)"], body)
     L += ["![OLS](ols.png)", "", "![IOL histograms](iol_hist.png)", ""]
+    L += _qc_section(summary)
     comparisons = [c for c in summary.get("comparisons", []) if c.get("n_pairs")]
     if comparisons:
         L += ["## Model comparisons (paired, on the pairs both models scored)", "",
@@ -514,19 +570,66 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
               "Original beside transmitted: image with the lung contour (green), Grad-CAM of the "
               "predicted decision with the heat-map region outlined (white).", ""]
         cam_thr = float(job.get("cam_threshold", 0.5))
+        titles = {"flipped": "flipped pairs", "random": "random pairs",
+                  "qc_flagged": "pairs with a flagged lung mask"}
         for m in models:
-            for kind in ("flipped", "random"):
-                panels = (gallery.get(m) or {}).get(kind) or []
+            for kind in ("flipped", "random", "qc_flagged"):
+                if kind not in (gallery.get(m) or {}):
+                    continue
+                panels = gallery[m][kind] or []
                 if not panels:
                     L += [f"- {m}, {kind}: no pairs", ""]
                     continue
                 fn = f"gallery_{_slug(m)}_{kind}.png"
-                title = f"{m}: {'flipped pairs' if kind == 'flipped' else 'random pairs'}"
+                title = f"{m}: {titles[kind]}"
                 gallery_figure(panels, title, workdir / fn, cam_thr)
                 L += [f"### {m}, {kind} ({len(panels)} pairs)", "", f"![{m} {kind}]({fn})", ""]
     path = workdir / "report.md"
     path.write_text("\n".join(L))
     return path
+
+
+def _flag_cell(flags: Sequence[str]) -> str:
+    return ", ".join(flags) or "–"
+
+
+def _qc_section(summary: Mapping[str, Any]) -> list[str]:
+    """report.md lines of the lung-mask QC: counts per side, OLS with and without the flagged
+    images per model, the first flagged pairs."""
+    qc = summary.get("lung_qc")
+    if not qc:
+        return []
+    L = ["## Lung-mask quality control", "",
+         "Per image, the default lung convention's mask (`covidmt_jax/lung_qc.py`): `fraction` "
+         "(lung fraction outside the reference range), `components` (not exactly two large "
+         "connected components), `confidence` (too much of the map in 0.25 < p < 0.75), "
+         "`disagreement` (fields and anatomical masks disagree; only with both conventions: "
+         f"{'checked' if qc.get('disagreement_checked') else 'not checked'} in this run). "
+         "Counted over the pairs scored without an error; the thresholds are in "
+         "`summary.json` (`lung_qc.thresholds`).", ""]
+    body = [[side, str(qc[side]["n"]), str(qc[side]["flagged"]),
+             *(str(qc[side].get(f, 0)) for f in QC_FLAGS)] for side in ("original", "transmitted")]
+    L += _md_table(["side", "images", "flagged", *QC_FLAGS], body)
+    body = []
+    for m, s in summary["models"].items():
+        wo = s.get("ols_without_flagged")
+        if not wo:
+            continue
+        for side in ("original", "transmitted"):
+            a, b = (s.get("ols") or {}).get(side) or {}, wo[side]
+            body.append([m, side, f"{_with_ci(a)} (n={a.get('n_used', '–')})",
+                         f"{_with_ci(b)} (n={b.get('n_used', '–')})", str(b["n_flagged"])])
+    if body:
+        L += ["OLS over all scored images and without the images whose lung mask is flagged "
+              "(same binomial interval):", ""]
+        L += _md_table(["model", "side", "OLS % all [CI]", "OLS % without flagged [CI]",
+                        "flagged images left out"], body)
+    ex = qc.get("examples") or []
+    if ex:
+        L += [f"First {len(ex)} pairs with a flagged mask (original; transmitted):", ""]
+        L += [f"- `{e['pair_id']}`: {_flag_cell(e['original'])}; {_flag_cell(e['transmitted'])}"
+              for e in ex] + [""]
+    return L
 
 
 def write_sweep_report(workdir: str | Path, sweep: Mapping[str, Any]) -> Path:

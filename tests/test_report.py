@@ -20,20 +20,26 @@ def _rows(n_ok=10, model="m"):
     labels = np.array([1, 1, 0, 1, 0, 0, 0, 1, 0, 1])
     iol_o = np.array([0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, np.nan, 1.0])
     iol_t = np.array([0.1, 0.2, 0.3, 0.35, 0.6, 0.7, 0.8, 0.9, 0.5, 1.0])
+    # lung-mask QC: pairs 0 and 4 flagged on the original, pair 3 on the transmitted image
+    qc_o = {0: "components", 4: "fraction;confidence"}
+    qc_t = {3: "components"}
     rows = {c: [] for c in ROW_COLUMNS}
     for i in range(n_ok):
         vals = dict(pair_id=f"p{i}", index=i, label=labels[i], model=model, prob_orig=po[i],
                     prob_trans=pt[i], pred_orig=int(po[i] >= .5), pred_trans=int(pt[i] >= .5),
                     flip=int((po[i] >= .5) != (pt[i] >= .5)), iol_orig=iol_o[i], iol_trans=iol_t[i],
                     lung_frac_orig=0.3, lung_frac_trans=0.3, heat_frac_orig=0.2, heat_frac_trans=0.2,
-                    orig_h=64, orig_w=64, trans_h=64, trans_w=64, error="")
+                    orig_h=64, orig_w=64, trans_h=64, trans_w=64, error="",
+                    qc_flags_orig=qc_o.get(i, ""), qc_flags_trans=qc_t.get(i, ""))
         for c in ROW_COLUMNS:
             rows[c].append(vals[c])
     for i, err in ((n_ok, "unreadable: x.png: truncated"), (n_ok + 1, "empty lung mask: no lung")):
         for c in ROW_COLUMNS:
             rows[c].append({"pair_id": f"p{i}", "index": i, "label": 1, "model": model,
-                            "error": err}.get(c, np.nan if c.startswith(("prob", "iol", "lung", "heat")) else -1))
-    return {c: np.asarray(v, dtype=object if c in ("pair_id", "model", "error") else float)
+                            "error": err, "qc_flags_orig": "", "qc_flags_trans": ""}.get(
+                                c, np.nan if c.startswith(("prob", "iol", "lung", "heat")) else -1))
+    text = ("pair_id", "model", "error", "qc_flags_orig", "qc_flags_trans")
+    return {c: np.asarray(v, dtype=object if c in text else float)
             for c, v in rows.items()}, po, pt, labels, iol_o, iol_t
 
 
@@ -75,6 +81,36 @@ def test_model_summary_known_answers():
     auc = s["roc_auc_orig_vs_trans"]
     assert auc["diff"] == pytest.approx(metrics.roc_auc(labels, po) - metrics.roc_auc(labels, pt))
     assert c["original"]["ci"]["accuracy"] == pytest.approx(list(metrics.binomial_ci(9, 10)))
+    # OLS without the flagged images: original drops pairs 0 and 4 (2 of 7 maps out of the
+    # lungs), transmitted drops pair 3 (3 of 9)
+    wo = s["ols_without_flagged"]
+    assert (wo["original"]["n_used"], wo["original"]["n_out"], wo["original"]["n_flagged"]) == (7, 2, 2)
+    assert wo["original"]["score"] == pytest.approx(100 * 2 / 7)
+    assert (wo["original"]["lo"], wo["original"]["hi"]) == pytest.approx(
+        tuple(100 * x for x in metrics.binomial_ci(2, 7)))
+    assert (wo["transmitted"]["n_used"], wo["transmitted"]["n_out"]) == (9, 3)
+    assert wo["transmitted"]["n_flagged"] == 1
+
+
+def test_lung_qc_summary_counts_pairs_once():
+    rows, *_ = _rows()
+    other, *_ = _rows(model="other")
+    both = {c: np.concatenate([rows[c], other[c]]) for c in ROW_COLUMNS}
+    qc = report.summarize(both, ["m", "other"])["lung_qc"]
+    assert qc["original"] == {"n": 10, "flagged": 2, "fraction": 1, "components": 1,
+                              "confidence": 1, "disagreement": 0}
+    assert qc["transmitted"] == {"n": 10, "flagged": 1, "fraction": 0, "components": 1,
+                                 "confidence": 0, "disagreement": 0}
+    assert qc["examples"] == [
+        {"pair_id": "p0", "original": ["components"], "transmitted": []},
+        {"pair_id": "p3", "original": [], "transmitted": ["components"]},
+        {"pair_id": "p4", "original": ["fraction", "confidence"], "transmitted": []}]
+    # rows without the QC columns (e.g. the study's) have no lung_qc block
+    plain = {c: v for c, v in rows.items() if not c.startswith("qc_")}
+    s = report.summarize(plain, ["m"])
+    assert "lung_qc" not in s and "ols_without_flagged" not in s["models"]["m"]
+    with pytest.raises(ValueError, match="unknown lung QC flag"):
+        report.summarize({**rows, "qc_flags_orig": np.asarray(["blurry"] * 12, dtype=object)}, ["m"])
 
 
 def _two_models():
@@ -170,6 +206,10 @@ def test_write_report_tables_plots_and_gallery(tmp_path):
     assert "unreadable: 1" in text and "other, flipped: no pairs" in text
     assert "## Model comparisons" in text and "| m − other | PI | 10 | 30.00 | 30.00 | 0.00 [" in text
     assert "Clopper-Pearson" in text and "Newcombe" in text and "DeLong" in text
+    assert "## Lung-mask quality control" in text
+    assert "| original | 10 | 2 | 1 | 1 | 1 | 0 |" in text
+    assert "| m | original | 33.33 [" in text and "28.57 [" in text   # OLS all vs without flagged
+    assert "- `p4`: fraction, confidence; –" in text
     for png in ("pi.png", "ols.png", "iol_hist.png", "gallery_m_flipped.png", "gallery_m_random.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert not (tmp_path / "gallery_other_flipped.png").exists()
@@ -197,3 +237,7 @@ def test_row_store_round_trip(tmp_path, fmt):
     np.testing.assert_allclose(back["prob_orig"], rows["prob_orig"].astype(float))
     assert back["error"].tolist() == rows["error"].tolist()
     assert math.isnan(back["iol_orig"][8]) and back["label"][-1] == 1
+    assert back["qc_flags_orig"].tolist() == rows["qc_flags_orig"].tolist()
+    assert back["qc_flags_orig"][4] == "fraction;confidence" and back["qc_flags_trans"][0] == ""
+    store.compact(back)   # the typed columns written back keep the QC cells
+    assert store.read()["qc_flags_orig"].tolist() == rows["qc_flags_orig"].tolist()

@@ -21,7 +21,9 @@ The job, in order: pairs from ``config.pairs`` are decoded, resized to ``image_s
 normalised ahead of the device; originals and transmitted images are concatenated to
 ``[2B, S, S, 1]`` (B padded to a multiple of the device count, sharded over the mesh's ``data``
 axis); the lung U-Net runs once per image; per classifier: COVID probability, Grad-CAM of the
-predicted decision, IOL against the lung mask. Only per-image scalars leave the device. Rows (one
+predicted decision, IOL against the lung mask; the lung-mask QC pixel counts
+(:mod:`covidmt_jax.lung_qc`). Only per-image scalars and the default convention's boolean lung
+mask (its connected components are counted on the host) leave the device. Rows (one
 per pair and classifier) are appended to ``WORKDIR/rows.csv`` (or ``rows.parquet/``) after every
 batch; then ``summary.json``, ``report.md``, plots and galleries.
 

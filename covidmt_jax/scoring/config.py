@@ -9,7 +9,8 @@ Layout (``base_config()``)::
     pairs.label, pairs.max_aspect_diff
     image_size, batch_size, num_workers, dtype
     cam.method, cam.cam_threshold, eta, threshold, n_boot, seed
-    gallery.flipped, gallery.random, output.format, log_every, progress
+    gallery.flipped, gallery.random, gallery.qc_flagged (pairs with a flagged lung mask),
+    output.format, log_every, progress
 
 Kind-specific checks of a classifier entry (e.g. ``kind="torch"`` needs ``model``) live with the
 kind in :mod:`covidmt_jax.scoring.loading`.
@@ -80,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.threshold = 0.5
     c.n_boot = 2000
     c.seed = 0
-    c.gallery = ml_collections.ConfigDict({"flipped": 8, "random": 8})
+    c.gallery = ml_collections.ConfigDict({"flipped": 8, "random": 8, "qc_flagged": 8})
     c.output = ml_collections.ConfigDict({"format": "csv"})
     c.log_every = 20
     c.progress = True
@@ -105,6 +106,7 @@ def synthetic_config(models: Mapping[str, str], *, size: int = 128, n: int = 200
     c.n_boot = 1000
     c.gallery.flipped = gallery
     c.gallery.random = gallery
+    c.gallery.qc_flagged = gallery
     c.log_every = 5
     return c
 

@@ -10,6 +10,8 @@ Resume is decided by content, never by names alone:
   "classifier 'resnet18' parameters changed"): re-scoring silently would replace published
   figures, and mixing would report rows of two models as one. Score into a new ``--workdir``,
   or delete the old rows and ``job.json`` to start over in place.
+- Rows written by an earlier version of the row format (before the lung-mask QC columns,
+  fingerprint version 2) are refused the same way: the fingerprint version differs.
 - Each row stores the signature of its pair's input files
   (:func:`covidmt_jax.scoring.pairs.input_signature`); a pair whose files changed since is
   re-scored, and so is every error row (a repaired image gets its score).
@@ -22,6 +24,7 @@ Resume is decided by content, never by names alone:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +40,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from covidmt_jax import parallel, report
+from covidmt_jax import lung_qc, parallel, report
 from covidmt_jax.cli import hms
 from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.lungs import LungSegmenter
@@ -50,7 +53,7 @@ from covidmt_jax.scoring.step import Scorer
 
 log = logging.getLogger("covidmt_jax.scoring")
 
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3  # 3: rows carry the lung-mask QC flags
 
 
 # ============================================================================ fingerprint
@@ -71,7 +74,7 @@ def model_digest(model: nnx.Module, *extra: Any) -> str:
 
 def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that change a row's values (paths of model files are not among them:
-    the models' contents are fingerprinted instead)."""
+    the models' contents are fingerprinted instead), and the lung-mask QC thresholds."""
     p = cfg.pairs
     classifiers = {n: {k: v for k, v in e.to_dict().items() if k != "path"}
                    for n, e in cfg.classifiers.items()}
@@ -80,7 +83,8 @@ def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "kwargs": p.kwargs.to_dict() if hasattr(p.kwargs, "to_dict") else dict(p.kwargs),
         "channel": p.channel, "quality": p.quality, "label": p.label,
         "max_aspect_diff": p.max_aspect_diff, "image_size": cfg.image_size, "dtype": cfg.dtype,
-        "cam": cfg.cam.to_dict(), "threshold": cfg.threshold, "row_format": cfg.output.format},
+        "cam": cfg.cam.to_dict(), "threshold": cfg.threshold, "row_format": cfg.output.format,
+        "lung_qc": dataclasses.asdict(lung_qc.DEFAULT_THRESHOLDS)},
         default=str))
 
 
@@ -271,6 +275,11 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
                       "source_skipped": len(getattr(source, "skipped", ()) or ()),
                       "source_skipped_examples": [f"{a}: {b}" for a, b in
                                                   list(getattr(source, "skipped", ()) or ())[:5]]}
+    if "lung_qc" in summary:
+        summary["lung_qc"]["thresholds"] = dataclasses.asdict(scorer.qc_thresholds)
+        summary["lung_qc"]["convention"] = conventions[0]
+        summary["lung_qc"]["disagreement_checked"] = bool(
+            "fields" in conventions and "anatomical" in conventions)
     gallery = gallery_maps(cfg, scorer, source, channel, label_col, rows, names)
     report.write_report(workdir, summary, rows, gallery)
     write_json(workdir / "summary.json", summary)
@@ -280,11 +289,14 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
 
 def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[str, np.ndarray],
                  names: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
-    """For each model, ``{"flipped": [...], "random": [...]}`` panels (images, CAMs, lung
-    probabilities, probabilities) of the first ``gallery.flipped`` flipped pairs and a seeded
-    random sample of ``gallery.random`` scored pairs, recomputed for those pairs only. ``rows``
-    must hold each pair's CURRENT ``index`` in ``source``."""
+    """For each model, ``{"flipped": [...], "random": [...], "qc_flagged": [...]}`` panels
+    (images, CAMs, lung probabilities, probabilities) of the first ``gallery.flipped`` flipped
+    pairs, a seeded random sample of ``gallery.random`` scored pairs and the first
+    ``gallery.qc_flagged`` pairs with a flagged lung mask on either side (their flags in the
+    panel's ``note``), recomputed for those pairs only. ``rows`` must hold each pair's CURRENT
+    ``index`` in ``source``."""
     sel: dict[str, dict[str, list[int]]] = {}
+    notes: dict[int, str] = {}
     rng = np.random.default_rng(cfg.seed)
     for m in names:
         ok = (rows["model"] == m) & (rows["error"] == "")
@@ -292,10 +304,16 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
         pool = np.sort(rows["index"][ok])
         k = min(int(cfg.gallery.random), len(pool))
         rand = np.sort(rng.choice(pool, size=k, replace=False)) if k else np.zeros(0, np.int64)
-        sel[m] = {"flipped": flipped.tolist(), "random": rand.tolist()}
+        bad = ok & ((rows["qc_flags_orig"] != "") | (rows["qc_flags_trans"] != ""))
+        order = np.argsort(rows["index"][bad], kind="stable")[:int(cfg.gallery.qc_flagged)]
+        for j in np.flatnonzero(bad)[order]:
+            notes[int(rows["index"][j])] = (f"QC {rows['qc_flags_orig'][j] or '-'} / "
+                                            f"{rows['qc_flags_trans'][j] or '-'}")
+        sel[m] = {"flipped": flipped.tolist(), "random": rand.tolist(),
+                  "qc_flagged": np.sort(rows["index"][bad][order]).tolist()}
     wanted = sorted({i for s in sel.values() for v in s.values() for i in v})
     if not wanted:
-        return {m: {"flipped": [], "random": []} for m in names}
+        return {m: {"flipped": [], "random": [], "qc_flagged": []} for m in names}
     ids = source.ids
     panels: dict[int, dict] = {}
     b = scorer.local_batch
@@ -324,7 +342,8 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
                              "lung_orig": panels[i]["lung_orig"], "lung_trans": panels[i]["lung_trans"],
                              **{f"{key}_{side}": panels[i][f"{m}/{key}_{side}"]
                                 for key in ("cam", "prob", "iol") for side in ("orig", "trans")},
-                             "threshold": scorer.heads[m].threshold}
+                             "threshold": scorer.heads[m].threshold,
+                             **({"note": notes[i]} if kind == "qc_flagged" else {})}
                             for i in idx if i in panels]
     return out
 

@@ -1,7 +1,7 @@
 """Per-pair rows of a scoring job: columns, building rows from step outputs, and the on-disk store.
 
 One row per (pair, classifier). :data:`ROW_COLUMNS` are the columns of the default lung
-convention; every further convention ``c`` adds ``lung_frac_orig_c``, ``lung_frac_trans_c``,
+convention (with its lung-mask QC flags per side, :data:`QC_COLUMNS`); every further convention ``c`` adds ``lung_frac_orig_c``, ``lung_frac_trans_c``,
 ``iol_orig_c``, ``iol_trans_c`` (:func:`row_columns`). The store also keeps
 :data:`INPUT_SIG`, the signature of the pair's input files the row was computed from
 (:func:`covidmt_jax.scoring.pairs.input_signature`), so a resumed job re-scores pairs whose
@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from covidmt_jax.lung_qc import flags_text
 from covidmt_jax.scoring.config import FORMATS
 
 log = logging.getLogger("covidmt_jax.scoring")
@@ -33,12 +34,15 @@ log = logging.getLogger("covidmt_jax.scoring")
 ROW_COLUMNS = ("pair_id", "index", "label", "model", "prob_orig", "prob_trans", "pred_orig",
                "pred_trans", "flip", "iol_orig", "iol_trans", "lung_frac_orig", "lung_frac_trans",
                "heat_frac_orig", "heat_frac_trans", "orig_h", "orig_w", "trans_h", "trans_w",
-               "error")
+               "qc_flags_orig", "qc_flags_trans", "error")
+#: Lung-mask QC columns (default convention): the :data:`covidmt_jax.lung_qc.QC_FLAGS` that
+#: fire on each side's mask, ";"-joined, "" when clean (and on rows without outputs).
+QC_COLUMNS = ("qc_flags_orig", "qc_flags_trans")
 #: Bookkeeping column of the store: the signature of the pair's inputs ("" = unknown).
 INPUT_SIG = "input_sig"
 _CONVENTION_COLUMNS = ("iol_orig", "iol_trans", "lung_frac_orig", "lung_frac_trans")
 _FLOAT_PREFIXES = ("prob_", "iol_", "lung_frac_", "heat_frac_")
-_STR_COLUMNS = ("pair_id", "model", "error", INPUT_SIG)
+_STR_COLUMNS = ("pair_id", "model", "error", INPUT_SIG) + QC_COLUMNS
 
 # Error kinds (the text before the first ":" of the error column).
 ERR_UNREADABLE = "unreadable"
@@ -240,6 +244,7 @@ def pair_rows(item, names: Sequence[str], heads: Mapping[str, Any], orig: Mappin
                 for sfx in sfxs:
                     r[f"iol_{side}{sfx}"] = float(o[name][f"iol{sfx}"][k])
                     r[f"lung_frac_{side}{sfx}"] = float(o[f"lung_frac{sfx}"][k])
+                r[f"qc_flags_{side}"] = flags_text(o["qc"][k]["flags"])
             if not (np.isfinite(r["prob_orig"]) and np.isfinite(r["prob_trans"])):
                 r["error"] = f"{ERR_NONFINITE}: probability is NaN or Inf"
             else:

@@ -17,6 +17,12 @@ Definitions (SPEC.md):
 Several lung conventions (``{name: LungSegmenter}``, the first the default) give per-convention
 outputs with the suffix of :func:`covidmt_jax.scoring.rows.convention_suffix`: ``lung_frac``,
 ``iol`` for the default, ``lung_frac_<name>``, ``iol_<name>`` for the others.
+
+Lung-mask QC (:mod:`covidmt_jax.lung_qc`) of the default convention's map, every image: the
+step counts pixels on the device (:func:`lung_qc_outputs`: lung, uncertain-band and "lung-ish"
+pixels, and with both the ``fields`` and ``anatomical`` conventions their overlap) and returns
+the boolean mask; the host counts its large connected components and applies the flag decision
+(:func:`qc_results`), which gives exactly :func:`covidmt_jax.lung_qc.mask_qc` of the same map.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from covidmt_jax import explain, metrics, parallel
+from covidmt_jax import lung_qc
 from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.lungs import LungSegmenter
 from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head
@@ -80,20 +87,60 @@ def lung_probabilities(unet: nnx.Module, x: jax.Array, lung_size: int) -> jax.Ar
     return explain.resize_bilinear(probs, hw) if hw != (lung_size, lung_size) else probs
 
 
+def qc_convention_pair(conventions: tuple[str, ...]) -> tuple[str, str] | None:
+    """Output suffixes ``(fields, anatomical)`` of the two conventions the ``disagreement`` flag
+    compares, or None when the job does not run both."""
+    if "fields" in conventions and "anatomical" in conventions:
+        return tuple(convention_suffix(conventions.index(c), c) for c in ("fields", "anatomical"))
+    return None
+
+
+def lung_qc_outputs(prob: jax.Array, fields: jax.Array | None = None,
+                    anatomical: jax.Array | None = None,
+                    thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """Device half of the lung-mask QC (jittable): ``prob [N, H, W]`` the default convention's
+    probabilities, ``fields`` / ``anatomical`` ``[N, H, W]`` boolean masks of the two
+    conventions (both or neither). Returns ``{"qc_counts": lung_qc.map_counts ([N] int32 each),
+    "lung_mask": [N, H, W] bool}`` plus ``"qc_conventions"`` (:func:`lung_qc.convention_counts`)
+    with the two masks."""
+    out = {"qc_counts": lung_qc.map_counts(prob, thresholds, xp=jnp), "lung_mask": prob >= 0.5}
+    if fields is not None:
+        out["qc_conventions"] = lung_qc.convention_counts(fields, anatomical, xp=jnp)
+    return out
+
+
+def qc_results(out: Mapping[str, Any], thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS
+               ) -> list[dict[str, Any]]:
+    """Host half: :func:`lung_qc_outputs` (as numpy, ``N`` images) -> one
+    :func:`covidmt_jax.lung_qc.mask_qc`-style result per image (components counted here)."""
+    mask = np.asarray(out["lung_mask"], bool)
+    conv = out.get("qc_conventions")
+    size = int(mask.shape[1] * mask.shape[2])
+    return [lung_qc.qc_result({k: v[i] for k, v in out["qc_counts"].items()}, size,
+                              lung_qc.large_components(mask[i], thresholds),
+                              None if conv is None else {k: v[i] for k, v in conv.items()},
+                              thresholds=thresholds)
+            for i in range(len(mask))]
+
+
 def make_score_step(graphdefs: Mapping[str, Any], heads: Mapping[str, Head],
                     lung_graphdefs: Mapping[str, tuple[Any, int]], *, method: str = "gradcam",
-                    cam_threshold: float = 0.5, return_maps: bool = False) -> Callable:
+                    cam_threshold: float = 0.5, return_maps: bool = False,
+                    qc_thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS) -> Callable:
     """The fused per-batch function (not yet jitted; see :func:`compiled_step`).
 
     ``step(states, lung_states, x)`` with ``x`` ``[N, S, S, 1]`` (originals and transmitted
     images together) returns ``{"lung_frac": [N], name: {"prob", "iol", "heat_frac": [N]}}``
-    plus ``lung_frac_<c>`` / ``iol_<c>`` for every further lung convention ``c``; with
+    plus ``lung_frac_<c>`` / ``iol_<c>`` for every further lung convention ``c``, and the QC
+    outputs of the default convention (:func:`lung_qc_outputs`: ``"qc_counts"``,
+    ``"lung_mask"`` ``[N, S, S]`` bool, ``"qc_conventions"`` with fields and anatomical); with
     ``return_maps`` also ``"lung_prob[_<c>]"`` ``[N, S, S]`` and ``name: {"cam": [N, S, S]}``.
     ``lung_graphdefs``: ``{convention: (graphdef, U-Net input size)}``. Lung masks are computed
     once per convention and shared by all classifiers.
     """
     names = tuple(graphdefs)
     conventions = tuple(lung_graphdefs)
+    qc_pair = qc_convention_pair(conventions)
 
     def step(states, lung_states, x):
         out: dict[str, Any] = {}
@@ -104,8 +151,12 @@ def make_score_step(graphdefs: Mapping[str, Any], heads: Mapping[str, Head],
             lung = lung_probabilities(nnx.merge(graphdef, lung_states[conv]), x, size)
             masks[sfx] = lung >= 0.5
             out[f"lung_frac{sfx}"] = jnp.mean(masks[sfx], axis=(1, 2), dtype=jnp.float32)
+            if i == 0:
+                default_prob = lung
             if return_maps:
                 out[f"lung_prob{sfx}"] = lung
+        out.update(lung_qc_outputs(default_prob, *(masks[s] for s in qc_pair or ()),
+                                   thresholds=qc_thresholds))
         for name in names:
             model = nnx.merge(graphdefs[name], states[name])
             prob, cams = classifier_cams(model, x, heads[name], method)
@@ -123,11 +174,13 @@ def make_score_step(graphdefs: Mapping[str, Any], heads: Mapping[str, Head],
 
 def compiled_step(graphdefs: Mapping[str, Any], heads: Mapping[str, Head],
                   lung_graphdefs: Mapping[str, tuple[Any, int]], mesh, *, method: str = "gradcam",
-                  cam_threshold: float = 0.5, return_maps: bool = False) -> Callable:
+                  cam_threshold: float = 0.5, return_maps: bool = False,
+                  qc_thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS) -> Callable:
     """:func:`make_score_step` under ``jax.jit`` with explicit shardings: states replicated,
     images and outputs split over the mesh's ``data`` axis."""
     step = make_score_step(graphdefs, heads, lung_graphdefs, method=method,
-                           cam_threshold=cam_threshold, return_maps=return_maps)
+                           cam_threshold=cam_threshold, return_maps=return_maps,
+                           qc_thresholds=qc_thresholds)
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=data)
 
@@ -138,15 +191,15 @@ class Scorer:
     ``classifiers``: ``{name: (model, Head)}``; ``lungs``: ``{convention: LungSegmenter}`` (the
     first is the default) or one ``LungSegmenter``. ``originals`` / ``transmitted``: normalised
     ``[b, S, S, 1]`` host arrays (this process's share of the global batch; ``b`` is padded to
-    the step's fixed local batch). Returns per side ``{"lung_frac": [b], name: {"prob", "iol",
-    "heat_frac"}}`` (see :func:`make_score_step`; ``return_maps`` adds CAMs and lung
-    probabilities).
+    the step's fixed local batch). Returns per side ``{"lung_frac": [b], "qc": [b results of
+    :func:`qc_results`], name: {"prob", "iol", "heat_frac"}}`` (see :func:`make_score_step`;
+    ``return_maps`` adds CAMs and lung probabilities).
     """
 
     def __init__(self, classifiers: Mapping[str, tuple[nnx.Module, Head]],
                  lungs: Mapping[str, LungSegmenter] | LungSegmenter, image_size: int,
                  batch_size: int, *, method: str = "gradcam", cam_threshold: float = 0.5,
-                 mesh=None):
+                 mesh=None, qc_thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS):
         if isinstance(lungs, LungSegmenter):
             lungs = {DEFAULT_LUNGS: lungs}
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
@@ -156,6 +209,7 @@ class Scorer:
         self.image_size = int(image_size)
         self.heads = {n: h for n, (_, h) in classifiers.items()}
         self.conventions = tuple(lungs)
+        self.qc_thresholds = qc_thresholds
         graphdefs, states = {}, {}
         for n, (model, _) in classifiers.items():
             graphdefs[n], states[n] = nnx.split(model)
@@ -174,7 +228,8 @@ class Scorer:
         self.sharding = parallel.data_sharding(self.mesh)
         self._steps = {
             maps: compiled_step(graphdefs, self.heads, lung_graphdefs, self.mesh, method=method,
-                                cam_threshold=float(cam_threshold), return_maps=maps)
+                                cam_threshold=float(cam_threshold), return_maps=maps,
+                                qc_thresholds=qc_thresholds)
             for maps in (False, True)}
 
     def __call__(self, originals: np.ndarray, transmitted: np.ndarray, *,
@@ -191,6 +246,11 @@ class Scorer:
         xg = jax.make_array_from_process_local_data(self.sharding, x)
         out = parallel.local_rows(self._steps[bool(return_maps)](self.states, self.lung_states, xg))
         lb = self.local_batch
-        orig = jax.tree.map(lambda a: a[:b], out)
-        trans = jax.tree.map(lambda a: a[lb:lb + b], out)
-        return orig, trans
+        sides = []
+        for lo in (0, lb):
+            side = jax.tree.map(lambda a, lo=lo: a[lo:lo + b], out)
+            side["qc"] = qc_results(side, self.qc_thresholds)
+            for key in ("qc_counts", "qc_conventions", "lung_mask"):
+                side.pop(key, None)
+            sides.append(side)
+        return sides[0], sides[1]
