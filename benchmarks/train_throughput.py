@@ -16,7 +16,8 @@ Models (``--models``, comma separated):
   (COVIDx, RSNA, NIH: ``--batch 12`` = 4 per task dataset, as the paper's recipe).
 - ``resnet50`` — the single-task baseline (COVID-19 only), batch ``--batch``.
 - any ``covidmt_<backbone>`` or ``<backbone>`` with backbone in resnet18/34/50/101 and
-  resnext50 (``resnext50`` vs ``resnet50`` isolates the cost of grouped convolutions).
+  resnext50 (``resnext50`` vs ``resnet50`` isolates the cost of grouped convolutions);
+  single-task ``xception`` (depthwise convs; JAX only, no torchvision reference) and ``vgg19``.
 
 PyTorch reference (when torch + torchvision are importable; ``--no-torch`` skips it): the
 torchvision backbone with ``conv1`` replaced by a 1-channel conv, Adam lr 2e-4, BatchNorm in
@@ -46,7 +47,7 @@ the step time relative to all paths on::
 
     python benchmarks/train_throughput.py --models resnet50,covidmt_resnext50 --sizes 224 \
         --frameworks jax --steps 3 --warmup 1 --rounds 3 \
-        --cpu-conv "on;off;-pointwise;-elementwise;-block_diagonal;-weight_grad"
+        --cpu-conv "on;off;-pointwise;-elementwise;-weight_grad"
 
 Other flags: ``--dtype float32|bfloat16`` (compute dtype; parameters stay float32; torch uses
 autocast), ``--device cpu|gpu`` (gpu: JAX in bfloat16 on the GPU backend, torch on cuda with
@@ -81,7 +82,9 @@ from covidmt_jax.cpu_malloc import reexec_for_cpu  # noqa: E402  (glibc settings
 # short names -> zoo / torchvision names
 BACKBONES = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
              "resnet101": "resnet101", "resnext50": "resnext50_32x4d",
-             "resnext50_32x4d": "resnext50_32x4d"}
+             "resnext50_32x4d": "resnext50_32x4d", "xception": "xception", "vgg19": "vgg19"}
+#: backbones without a torchvision counterpart in the reference step: JAX only
+JAX_ONLY = ("xception",)
 
 
 # ----------------------------------------------------------------------------- what to run
@@ -659,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> list[Measurement]:
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows: list[Measurement] = []
     runs = [(size, m, fw, conv) for _ in range(args.rounds) for size in args.sizes for m in args.models
-            for fw in ("jax", "torch") if fw in args.frameworks and (fw == "jax" or run_torch)
+            for fw in ("jax", "torch")
+            if fw in args.frameworks and (fw == "jax" or (run_torch and m.backbone not in JAX_ONLY))
             for conv in (args.cpu_conv if fw == "jax" else ["auto"])]
     for size, m, fw, conv in runs:
         if not args.in_process and len(runs) > 1:

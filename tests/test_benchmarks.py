@@ -34,8 +34,10 @@ def test_parse_model(bench):
     assert (m.backbone, m.multitask, len(m.task_specs)) == ("resnext50_32x4d", True, 6)
     b = bench.parse_model("resnet50")
     assert (b.backbone, b.multitask, [t.name for t in b.task_specs]) == ("resnet50", False, ["covid"])
-    with pytest.raises(ValueError, match="unknown benchmark model 'vgg19'"):
-        bench.parse_model("vgg19")
+    x = bench.parse_model("xception")
+    assert (x.backbone, x.multitask) == ("xception", False) and x.backbone in bench.JAX_ONLY
+    with pytest.raises(ValueError, match="unknown benchmark model 'vgg16'"):
+        bench.parse_model("vgg16")
 
 
 def test_synthetic_batch_layout(bench):
@@ -106,3 +108,28 @@ def test_data_throughput_runs_tiny(tmp_path, monkeypatch, capsys):
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("files ", "tfds "))]
     assert [r.split()[0] for r in rows] == ["files", "tfds"]
     assert all(float(r.split()[-5]) > 0 for r in rows)  # images/s/worker
+
+
+# ----------------------------------------------------------------------------- gradcam_throughput.py
+
+@pytest.fixture(scope="module")
+def cam_bench():
+    path = SCRIPT.parent / "gradcam_throughput.py"
+    spec = importlib.util.spec_from_file_location("gradcam_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gradcam_benchmark_runs_every_method_and_tabulates(cam_bench):
+    rows = cam_bench.bench_jax(32, 2, backbone="resnet18", steps=2, warmup=1)
+    assert [r["method"] for r in rows] == ["explain.gradcam", "explain.make_cam_fn"]
+    if cam_bench.torch_available():
+        rows.append(cam_bench.bench_torch(32, 2, backbone="resnet18", steps=1, warmup=1))
+    for r in rows:
+        assert r["first_s"] > 0 and all(t > 0 for t in r["call_s"])
+    table = cam_bench.format_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| explain.gradcam | 32 | 2 |")
+    with pytest.raises(SystemExit):
+        cam_bench.parse_args(["--sizes", "x"])

@@ -38,7 +38,7 @@ def _lax_conv(x, w, stride, pad, groups):
     ((2, 9, 10, 8), 4, 3, 1, 1, 1),    # ResNeXt-style grouped 3x3: elementwise fusion
     ((2, 9, 10, 8), 4, 3, 1, 0, 1),    # the same unpadded (transposed padding of dx differs)
     ((2, 12, 12, 128), 32, 3, 1, 1, 1),  # 32 groups of 4: dW blocks of 8 groups
-    ((2, 10, 11, 8), 4, 3, 2, 1, 1),   # strided grouped: block-diagonal dense conv
+    ((2, 10, 11, 8), 4, 3, 2, 1, 1),   # strided grouped: XLA's grouped kernel, chunked dW
     ((2, 8, 9, 6), 6, 3, 1, 1, 2),     # depthwise with channel multiplier: elementwise
     ((2, 11, 12, 12), 3, 1, 2, 0, 1),  # grouped 1x1 strided
     ((4, 16, 16, 64), 2, 3, 1, 1, 1),  # 32 channels per group: XLA's grouped kernel, dW in 2 chunks
@@ -52,7 +52,7 @@ def _lax_conv(x, w, stride, pad, groups):
 ])
 def test_cpu_conv_paths_equal_lax(shape, groups, kernel, stride, pad, mult):
     """With the switch on, layers.conv_general_dilated (1x1 as a matmul, the elementwise grouped
-    conv, block-diagonal kernels, chunked matmul weight gradients) computes lax's outputs,
+    conv, chunked matmul weight gradients) computes lax's outputs,
     gradients (reverse mode) and forward-mode derivatives."""
     cpu_conv.set_paths("on")
     rng = np.random.RandomState(0)
@@ -162,7 +162,7 @@ def test_switch_off_is_plain_lax_in_a_model():
 class TinyResNeXt(nnx.Module):
     """A ResNeXt-like classifier small enough for forward-mode tests whose convs meet every
     path on 32 px inputs: the stem's weight gradient at 32x32 (im2col), a stride-1 block with 2
-    channels per group (elementwise), a strided one with 4 (block-diagonal), one with 16 (XLA's
+    channels per group (elementwise), a strided one with 4 and one with 16 (XLA's
     grouped kernel, chunked weight gradient), 1x1 convs (matmuls), a dense 3x3 at 8x8 (XLA's
     weight gradient). ``[B, 32, 32, 1] -> [B, 2]``."""
 

@@ -13,10 +13,15 @@ Paths (names as the switch takes them):
   (forward, input and weight gradient all become matmuls).
 - ``elementwise``: stride-1 grouped convs with <= :data:`ELEMENTWISE_MAX_GROUP_CHANNELS`
   channels per group (in and out) as one XLA loop fusion (:func:`elementwise_grouped_conv`).
-- ``block_diagonal``: other grouped convs with <= :data:`DENSE_GROUPED_MAX_CHANNELS` input
-  channels per group as one dense conv with a block-diagonal kernel (:func:`_xla_conv`).
 - ``weight_grad``: weight gradients of grouped convs and of dense convs with >= 32x32 outputs
   as matmuls in a loop over batch chunks (:func:`_weight_tangent`).
+
+Each path is kept because it makes a train step at least 10 % faster on the 2-core CPU of
+benchmarks/README.md: ``pointwise`` 1.5-2x (ResNet-50, COVIDMT-ResNeXt-50 at 224 px),
+``elementwise`` 1.6x (Xception's depthwise convs at 224 px), ``weight_grad`` 4.6x
+(COVIDMT-ResNeXt-50 at 224 px). A fourth path, narrow grouped convs as dense convs with a
+block-diagonal kernel, was removed: with ``elementwise`` on it changed a COVIDMT-ResNeXt-50
+step by about 1 % at 224 and 512 px.
 
 The switch: the environment variable ``COVIDMT_CPU_CONV`` (``1``/``on``, the default; ``0``/
 ``off``; or a comma-separated list of path names to keep), the training config key
@@ -45,7 +50,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 ENV_VAR = "COVIDMT_CPU_CONV"
-PATHS = ("pointwise", "elementwise", "block_diagonal", "weight_grad")
+PATHS = ("pointwise", "elementwise", "weight_grad")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 DW_MIN_PIXELS = 32 * 32  # dense convs with fewer output pixels per image keep XLA's dW kernel
@@ -53,8 +58,6 @@ DW_CHUNK_MIN_ROWS = 512  # a dW chunk holds the fewest images with at least this
 IM2COL_MAX_CHANNELS = 128  # dense dW: one im2col matmul per chunk below this many input channels
 DW_GROUP_BLOCK = 32  # grouped dW: one dense matmul per tap per block of this many channels
 ELEMENTWISE_MAX_GROUP_CHANNELS = 8  # stride-1 grouped convs this narrow (in and out): one fusion
-DENSE_GROUPED_MAX_CHANNELS = 8  # block-diagonal dense conv for grouped convs this narrow ...
-DENSE_GROUPED_MAX_GROUPS = 64  # ... with at most this many groups
 
 _override: frozenset[str] | None = None
 
@@ -143,7 +146,7 @@ def conv(x: jax.Array, w: jax.Array, window_strides, padding, groups: int = 1, p
     if ("pointwise" in paths and w.shape[:2] == (1, 1) and groups == 1
             and all(p == (0, 0) for p in pad)):
         return _pointwise_conv(x, w, strides, precision)
-    if precision is None and paths & {"elementwise", "block_diagonal", "weight_grad"}:
+    if precision is None and paths & {"elementwise", "weight_grad"}:
         return _cpu_conv(x, w, strides, pad, groups, paths)
     return jax.lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=NHWC,
                                         feature_group_count=groups, precision=precision)
@@ -170,23 +173,8 @@ def _tap_slices(xp: jax.Array, kh: int, kw: int, strides: tuple, ho: int, wo: in
                                 (1, sh, sw, 1))
 
 
-def block_diagonal_kernel(w: jax.Array, groups: int) -> jax.Array:
-    """Grouped HWIO kernel ``[kh, kw, cin/G, cout]`` -> dense ``[kh, kw, cin, cout]`` whose
-    off-diagonal group blocks are zero (same conv, one group)."""
-    kh, kw, cg, cout = w.shape
-    wg = w.reshape(kh, kw, cg, groups, cout // groups)
-    full = jnp.einsum("hwigo,gG->hwGigo", wg, jnp.eye(groups, dtype=w.dtype))
-    return full.reshape(kh, kw, groups * cg, cout)
-
-
-def _xla_conv(x, w, strides, padding, groups, block_diagonal: bool):
-    """XLA's conv, or (``block_diagonal``) for narrow groups the equal dense conv with a
-    block-diagonal kernel: G times the FLOPs, yet XLA:CPU's dense kernel is that much faster
-    than its grouped one (ResNeXt-50 layer1, ``[12, 56, 56, 128]``, 32 groups of 4: fwd+dx
-    300 ms grouped, 66 ms dense; with 16 channels per group the grouped kernel wins)."""
-    if (block_diagonal and 1 < groups <= DENSE_GROUPED_MAX_GROUPS
-            and w.shape[2] <= DENSE_GROUPED_MAX_CHANNELS):
-        w, groups = block_diagonal_kernel(w, groups), 1
+def _xla_conv(x, w, strides, padding, groups):
+    """XLA's conv (``lax.conv_general_dilated``, NHWC/HWIO)."""
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC,
                                         feature_group_count=groups)
 
@@ -249,14 +237,14 @@ def _input_tangent(tx, w, strides, padding, groups, paths):
     """``conv(tx, w)`` by the forward path; linear in ``tx``, its transpose is the input gradient."""
     if "elementwise" in paths and _takes_elementwise_path(w.shape, strides, groups):
         return _elementwise_input_tangent(tx, w, padding, groups)
-    return _xla_conv(tx, w, strides, padding, groups, "block_diagonal" in paths)
+    return _xla_conv(tx, w, strides, padding, groups)
 
 
 def _forward(x, w, strides, padding, groups, paths):
-    """The conv by the elementwise fusion, the block-diagonal dense conv or XLA's kernel."""
+    """The conv by the elementwise fusion or XLA's kernel."""
     if "elementwise" in paths and _takes_elementwise_path(w.shape, strides, groups):
         return elementwise_grouped_conv(x, w, padding, groups)
-    return _xla_conv(x, w, strides, padding, groups, "block_diagonal" in paths)
+    return _xla_conv(x, w, strides, padding, groups)
 
 
 def _batch_chunk(batch: int, pixels: int) -> int:
@@ -349,7 +337,7 @@ def _cpu_conv_jvp(strides, padding, groups, paths, primals, tangents):
         if "weight_grad" in paths and _takes_weight_grad_path(x.shape, w.shape, strides, padding, groups):
             terms.append(_weight_tangent(x, tw, strides, padding, groups).astype(y.dtype))
         else:
-            terms.append(_xla_conv(x, tw, strides, padding, groups, "block_diagonal" in paths))
+            terms.append(_xla_conv(x, tw, strides, padding, groups))
     if not terms:
         return y, jnp.zeros_like(y)
     return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]

@@ -37,8 +37,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
     On the CPU backend, with the switch of :mod:`covidmt_jax.models.cpu_conv` on (environment
     variable ``COVIDMT_CPU_CONV``, config key ``model.cpu_conv_kernels``; on by default), NHWC
-    convs without dilation take that module's kernels (1x1 convs as matmuls, elementwise and
-    block-diagonal grouped convs, chunked matmul weight gradients). Otherwise, and on every
+    convs without dilation take that module's kernels (1x1 convs as matmuls, elementwise
+    grouped convs, chunked matmul weight gradients). Otherwise, and on every
     other backend, this is plain ``lax.conv_general_dilated``.
     """
     if cpu_conv.handles(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs):
