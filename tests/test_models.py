@@ -20,6 +20,8 @@ CLASSIFIERS = [
     ("vgg19_bn", 64, {}),
     ("xception", 80, {}),
     ("covidnet", 64, {"widths": (16, 32, 48, 64), "modules_per_stage": (1, 1, 2, 1)}),
+    ("resnet18", 64, {"stage_widths": (8, 16, 32, 64)}),
+    ("resnext50_32x4d", 64, {"stage_widths": (16, 32, 64, 128)}),
 ]
 
 
@@ -51,6 +53,20 @@ def test_classifier_shapes_and_interface(name, size, kw):
     # the Grad-CAM decomposition reproduces the forward pass
     np.testing.assert_allclose(m.pool_and_classify(feats["last_conv"]), logits, rtol=1e-5, atol=1e-5)
     assert m.pooled(x).shape == (2, m.feature_channels["last_conv"])
+
+
+def test_narrow_resnet_has_the_torchvision_layout_at_scaled_widths():
+    full = models.create("resnet50", num_classes=2)
+    narrow = models.create("resnet50", num_classes=2, stage_widths=(8, 16, 32, 64))
+    shapes = lambda m: {"/".join(map(str, k)): v.shape for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+    f, n = shapes(full), shapes(narrow)
+    assert set(f) == set(n)  # same modules, same names: only channel counts differ
+    assert n["layer4/2/conv3/kernel"] == (1, 1, 64, 256) and f["layer4/2/conv3/kernel"] == (1, 1, 512, 2048)
+    assert n["conv1/kernel"] == (7, 7, 1, 8) and narrow.feature_channels["c3"] == 64
+    with pytest.raises(ValueError, match="stage_widths must be 4 positive"):
+        models.create("resnet18", stage_widths=(8, 16, 32))
+    with pytest.raises(ValueError, match="every stage needs >= 16 planes"):
+        models.create("resnext50_32x4d", stage_widths=(8, 16, 32, 64))
 
 
 def test_rgb_and_nonsquare_inputs():

@@ -28,6 +28,8 @@ def tiny_config(*, model="covidmt", n_tasks=6, size=32, steps=4, n=24, backbone=
     """A seconds-long synthetic run."""
     c = config_lib.base_config()
     c.model.kwargs = {"backbone": backbone, "transition_channels": (8,), "fpn_channels": 8}
+    if backbone == "resnet18":  # the same graph at 1/64 of the parameters: fast compile, step and save
+        c.model.kwargs["stage_widths"] = (8, 16, 32, 64)
     common = dict(size=size, seed=0)
     c.data.train = {"covidx": dataset_entry("synthetic_covidx", n=n, split="train", shortcut_strength=0.9, **common),
                     "rsna": dataset_entry("synthetic_rsna", n=n, split="train", **common),
@@ -371,7 +373,8 @@ def test_box_decoding_matching_and_map_on_constructed_outputs():
     """The evaluation chain (anchors -> match -> encode | decode -> NMS -> RSNA mAP) is exact:
     outputs built from the ground truth score 1.0; the SAME boxes with objectness 0.25 (under
     the 0.3 score threshold) keep no detection and score exactly 0.0 — the signature of an
-    under-confident but well-localising model — and 1.0 again at score_threshold 0.2."""
+    under-confident but well-localising model — and 1.0 again at score_threshold 0.2; the
+    threshold-free AP at IoU 0.5 is 1.0 in both cases."""
     from covidmt_jax.models.heads import make_anchors
     from covidmt_jax.tasks import build_tasks
     anchors = make_anchors((BOX_SIZE, BOX_SIZE), sizes=BOX_ANCHORS)
@@ -381,15 +384,19 @@ def test_box_decoding_matching_and_map_on_constructed_outputs():
     def evaluate(positive_logit, threshold):
         task, = build_tasks(["box"], {"box": {"score_threshold": threshold}}, anchors=anchors)
         collected = task.eval_outputs(_perfect_box_outputs(anchors, batch, positive_logit), batch)
-        return task.summarize(collected)["map"], collected
+        return task.summarize(collected), collected
+
+    def above(collected, threshold):
+        return [b[np.asarray(s) >= threshold] for b, s in zip(collected["pred_boxes"], collected["pred_scores"])]
 
     logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
-    m, collected = evaluate(logit(0.9), 0.3)
-    assert m == 1.0
-    assert [len(b) for b in collected["pred_boxes"]] == [len(g) for g in collected["gt_boxes"]]
-    m, collected = evaluate(logit(0.25), 0.3)
-    assert m == 0.0 and all(len(b) == 0 for b in collected["pred_boxes"])
-    assert evaluate(logit(0.25), 0.2)[0] == 1.0
+    res, collected = evaluate(logit(0.9), 0.3)
+    assert res == {"map": 1.0, "ap50": 1.0}
+    assert [len(b) for b in above(collected, 0.3)] == [len(g) for g in collected["gt_boxes"]]
+    res, collected = evaluate(logit(0.25), 0.3)
+    assert res["map"] == 0.0 and all(len(b) == 0 for b in above(collected, 0.3))
+    assert res["ap50"] == 1.0  # the threshold-free AP still sees every box ranked first
+    assert evaluate(logit(0.25), 0.2)[0]["map"] == 1.0
     # the training loss of the perfect outputs: no regression error (up to rounding)
     task, = build_tasks(["box"], anchors=anchors)
     _, aux = task.loss(_perfect_box_outputs(anchors, batch, logit(0.9)), batch)

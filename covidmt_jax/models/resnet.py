@@ -19,18 +19,32 @@ from covidmt_jax.models.registry import register
 
 
 class ResNet(Backbone):
-    """``[B, H, W, in_channels] -> [B, num_classes]``; ``num_classes=0`` drops ``fc``."""
+    """``[B, H, W, in_channels] -> [B, num_classes]``; ``num_classes=0`` drops ``fc``.
+
+    ``stage_widths``: the planes of layer1-4 (torchvision: 64, 128, 256, 512; the stem has
+    ``stage_widths[0]`` channels). Narrower widths, e.g. ``(8, 16, 32, 64)``, give the same
+    graph with far fewer parameters, for tests and quick runs; torchvision/timm weights fit
+    only the default widths.
+    """
 
     def __init__(self, block: Type[BasicBlock] | Type[Bottleneck], layers: Sequence[int], *,
                  num_classes: int = 1, in_channels: int = 1, groups: int = 1,
-                 width_per_group: int = 64, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 width_per_group: int = 64, stage_widths: Sequence[int] = (64, 128, 256, 512),
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        stage_widths = tuple(int(w) for w in stage_widths)
+        if len(stage_widths) != 4 or min(stage_widths) < 1:
+            raise ValueError(f"stage_widths must be 4 positive channel counts, got {stage_widths}")
+        if block is Bottleneck and any(w * width_per_group < 64 for w in stage_widths):
+            raise ValueError(f"stage_widths {stage_widths}: with width_per_group={width_per_group} "
+                             f"every stage needs >= {-(-64 // width_per_group)} planes")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.conv1 = conv2d(in_channels, 64, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
-        self.bn1 = batch_norm(64, dtype=dtype, rngs=rngs)
-        in_ch = 64
+        stem = stage_widths[0]
+        self.conv1 = conv2d(in_channels, stem, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
+        self.bn1 = batch_norm(stem, dtype=dtype, rngs=rngs)
+        in_ch = stem
         stages = []
-        for i, (planes, n_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, n_blocks) in enumerate(zip(stage_widths, layers)):
             blocks = []
             for j in range(n_blocks):
                 blocks.append(block(in_ch, planes, stride=2 if (j == 0 and i > 0) else 1,
@@ -39,8 +53,9 @@ class ResNet(Backbone):
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         e = block.expansion
-        self.feature_channels = {"c3": 128 * e, "c4": 256 * e, "c5": 512 * e, "last_conv": 512 * e}
-        self.fc = linear(512 * e, num_classes, dtype=dtype, rngs=rngs) if num_classes else None
+        c3, c4, c5 = (w * e for w in stage_widths[1:])
+        self.feature_channels = {"c3": c3, "c4": c4, "c5": c5, "last_conv": c5}
+        self.fc = linear(c5, num_classes, dtype=dtype, rngs=rngs) if num_classes else None
 
     torch_sources = ("torchvision", "timm")
 
