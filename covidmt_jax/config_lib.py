@@ -214,7 +214,7 @@ def baseline_config(model_name: str, arg: str | None = None) -> ml_collections.C
 def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Synthetic-phantom training for 2 CPU cores (``configs/demo.py``; see its docstring)."""
     opts = parse_arg(arg)
-    unknown = set(opts) - {"model", "size", "n", "shortcut", "steps", "backbone"}
+    unknown = set(opts) - {"model", "size", "n", "shortcut", "steps", "backbone", "width"}
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}")
     size = int(opts.get("size", 128))
@@ -225,8 +225,13 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # at 128 px): with (size/8, size/4, size/2) 77 % / 99 % of them have an anchor at IoU >= 0.5
     # (3 / 7 positive anchors per box); the paper's (32, 64, 128), made for 512-px inputs, give
     # 0 % / 27 % (only the forced best-anchor match), so the box task could not learn
+    # width: the backbone's stage widths as a fraction of torchvision's (64, 128, 256, 512)
+    width = float(opts.get("width", 1.0))
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width}")
+    narrow = {} if width == 1 else {"stage_widths": tuple(max(1, round(w * width)) for w in (64, 128, 256, 512))}
     c.model.kwargs = {"backbone": opts.get("backbone", "resnet18"), "transition_channels": (64,),
-                      "fpn_channels": 64, "anchor_sizes": (size / 8, size / 4, size / 2)}
+                      "fpn_channels": 64, "anchor_sizes": (size / 8, size / 4, size / 2), **narrow}
     c.data.image_size = size
     c.data.per_task_batch = 8
     c.data.eval_batch_size = 32
@@ -243,8 +248,8 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
     }
     model = opts.get("model", "covidmt")
     if model == "baseline":
-        c.model.name = "resnet18"
-        c.model.kwargs = {}
+        c.model.name = opts.get("backbone", "resnet18")
+        c.model.kwargs = dict(narrow)
         apply_task_count(c, 1)
     elif model != "covidmt":
         raise ValueError(f"model must be covidmt or baseline, got {model!r}")

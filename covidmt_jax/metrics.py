@@ -31,6 +31,7 @@ from scipy import stats as scipy_stats
 
 __all__ = [
     "RSNA_IOU_THRESHOLDS",
+    "detection_ap",
     "pi_score",
     "heatmap_region",
     "iol",
@@ -857,6 +858,68 @@ def rsna_map(pred_boxes: Sequence, pred_scores: Sequence, gt_boxes: Sequence,
     scores = rsna_image_scores(pred_boxes, pred_scores, gt_boxes, iou_thresholds)
     kept = scores[~np.isnan(scores)]
     return float(kept.mean()) if kept.size else float("nan")
+
+
+def detection_ap(pred_boxes: Sequence, pred_scores: Sequence, gt_boxes: Sequence,
+                 iou_threshold: float = 0.5) -> float:
+    """Average precision of a detector at one IoU threshold (PASCAL VOC 2010+ / COCO style,
+    all-point interpolation), free of any score threshold.
+
+    All images' detections are ranked by score (ties keep image order, then input order);
+    going down the ranking, a detection is a true positive when it overlaps a not yet matched
+    ground-truth box of its image with IoU >= ``iou_threshold`` (the highest-IoU such box is
+    taken), otherwise a false positive. AP is the area under the precision-recall curve with
+    precision made monotone (each recall level gets the best precision at that recall or
+    beyond). Unlike :func:`rsna_map`, it does not depend on where a confidence threshold cuts
+    the scores, so it shows whether the boxes are found and ranked above the false alarms
+    while the scores are not yet calibrated (e.g. early in training).
+
+    Args:
+      pred_boxes, pred_scores, gt_boxes: per image, as :func:`rsna_map`.
+      iou_threshold: the IoU a detection needs to count as a hit.
+
+    Returns:
+      AP in [0, 1]; NaN when no image has a ground-truth box.
+    """
+    fn = "detection_ap"
+    if not (len(pred_boxes) == len(pred_scores) == len(gt_boxes)):
+        raise ValueError(f"{fn}: pred_boxes, pred_scores and gt_boxes must list the same images, "
+                         f"got {len(pred_boxes)}, {len(pred_scores)}, {len(gt_boxes)}")
+    if not 0.0 < float(iou_threshold) <= 1.0:
+        raise ValueError(f"{fn}: iou_threshold must be in (0, 1], got {iou_threshold}")
+    gts = [_boxes(g, fn, f"gt_boxes[{i}]") for i, g in enumerate(gt_boxes)]
+    n_gt = sum(len(g) for g in gts)
+    if n_gt == 0:
+        return float("nan")
+    dets = []  # (score, image, box)
+    for i, (pb, ps) in enumerate(zip(pred_boxes, pred_scores)):
+        pb = _boxes(pb, fn, f"pred_boxes[{i}]")
+        ps = np.asarray(ps, dtype=np.float64).reshape(-1)
+        if len(ps) != len(pb):
+            raise ValueError(f"{fn}: image {i} has {len(pb)} predicted boxes but {len(ps)} scores")
+        if not np.isfinite(ps).all():
+            raise ValueError(f"{fn}: pred_scores[{i}] contains non-finite scores")
+        dets += [(float(ps[k]), i, pb[k]) for k in range(len(pb))]
+    order = sorted(range(len(dets)), key=lambda k: -dets[k][0])  # stable: ties keep their order
+    matched = [np.zeros(len(g), dtype=bool) for g in gts]
+    hit = np.zeros(len(dets), dtype=bool)
+    for rank, k in enumerate(order):
+        _, i, box = dets[k]
+        if len(gts[i]) == 0:
+            continue
+        iou = box_iou(box[None], gts[i])[0]
+        ok = ~matched[i] & (iou >= iou_threshold)
+        if ok.any():
+            matched[i][int(np.argmax(np.where(ok, iou, -np.inf)))] = True
+            hit[rank] = True
+    if not len(dets):
+        return 0.0
+    tp = np.cumsum(hit)
+    precision = tp / np.arange(1, len(dets) + 1)
+    recall = tp / n_gt
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(steps * envelope))
 
 
 # --------------------------------------------------------------------------------------------

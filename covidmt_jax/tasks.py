@@ -115,7 +115,14 @@ class BoxTask(Task):
     ``anchors``: ``[N_anchors, 4]`` xyxy pixels matching the box head's output at the
     training image size (``COVIDMT.anchors((H, W))``; :func:`build_tasks` passes them).
     Options: ``regression`` ("squared" | "smooth_l1"), ``l2`` (1e-4), ``score_threshold``
-    (evaluation: detections below it are dropped before NMS).
+    (0.3; evaluation: the RSNA mAP counts the detections at or above it).
+
+    Evaluation metrics: ``map`` — the RSNA challenge metric (:func:`covidmt_jax.metrics.rsna_map`)
+    of the detections scoring >= ``score_threshold``; ``ap50`` — the threshold-free average
+    precision at IoU 0.5 (:func:`covidmt_jax.metrics.detection_ap`) of all detections (up to
+    10 per image after NMS). Early in training the objectness scores are not yet calibrated:
+    boxes can be found and ranked first (``ap50`` > 0) while no score reaches the threshold
+    (``map`` 0).
     """
     kind = "box"
 
@@ -169,8 +176,10 @@ class BoxTask(Task):
     def eval_outputs(self, outputs, batch):
         out = outputs[self.name]
         anchors = self._anchors_for(np.shape(out["objectness"])[1])
+        # every detection (NMS keeps the same boxes whatever the floor): summarize cuts at
+        # score_threshold for the RSNA mAP and ranks them all for the AP
         det = detect(jnp.asarray(out["regression"]), jnp.asarray(out["objectness"]), anchors,
-                     score_threshold=float(self.options.get("score_threshold", 0.3)))
+                     score_threshold=0.0)
         keep = np.asarray(batch["box_weight"]) > 0
         boxes, scores, valid = (np.asarray(det[k]) for k in ("boxes", "scores", "valid"))
         gt, gt_valid = np.asarray(batch["boxes"]), np.asarray(batch["box_valid"]) > 0
@@ -180,8 +189,13 @@ class BoxTask(Task):
                 "gt_boxes": [gt[i][gt_valid[i]] for i in rows]}
 
     def summarize(self, collected):
-        return {"map": float(metrics.rsna_map(collected["pred_boxes"], collected["pred_scores"],
-                                              collected["gt_boxes"]))}
+        t = float(self.options.get("score_threshold", 0.3))
+        above = [np.asarray(s) >= t for s in collected["pred_scores"]]
+        return {"map": float(metrics.rsna_map([b[k] for b, k in zip(collected["pred_boxes"], above)],
+                                              [s[k] for s, k in zip(collected["pred_scores"], above)],
+                                              collected["gt_boxes"])),
+                "ap50": metrics.detection_ap(collected["pred_boxes"], collected["pred_scores"],
+                                             collected["gt_boxes"], 0.5)}
 
 
 class SegmentationTask(Task):

@@ -9,7 +9,7 @@ import pytest
 
 from covidmt_jax.lungs import SHIPPED_DIR
 
-TINY = ["--seeds", "2", "--size", "64", "--n", "16", "--steps", "2", "--pairs", "8",
+TINY = ["--seeds", "2", "--size", "64", "--n", "16", "--steps", "2", "--pairs", "8", "--width", "0.25",
         "--gallery", "0"]
 
 
@@ -114,3 +114,21 @@ def test_findings_claim_only_what_holds_in_every_seed():
     assert "no direction holds across the seeds (COVIDMT lower in 2, higher in 1" in line
     assert any(s.startswith("Caution:") and "seed(s) 2" in s for s in mixed)
     assert any("box task learned in every seed" in s for s in every)
+
+
+def test_findings_separate_uncalibrated_box_scores_from_missed_boxes():
+    from covidmt_jax import demo
+
+    def figs(box_map, ap):
+        r = {k: 50.0 for k in demo.FIGURES}
+        return {demo.BASE: {**r, "box_map": math.nan, "box_ap50": math.nan},
+                demo.MT: {**r, "box_map": box_map, "box_ap50": ap}}
+
+    p = {k: 0.01 for k, _, _, _ in demo.COMPARED}
+    found = demo.findings([figs(0.0, 0.4), figs(0.1, 0.6), figs(0.0, 0.5)], [p] * 3, None, [0, 1, 2])
+    line = next(s for s in found if "box task" in s)
+    assert "RSNA mAP 0 in seed(s) 0, 2" in line and "AP at IoU 0.5 was 0.400–0.600" in line
+    assert "above 0 in 3 of 3 seeds" in line and "not yet calibrated" in line
+    missed = demo.findings([figs(0.0, 0.0), figs(0.0, 0.3), figs(0.0, 0.5)], [p] * 3, None, [0, 1, 2])
+    line = next(s for s in missed if "box task" in s)
+    assert "above 0 in 2 of 3 seeds" in line and "not every seed found the boxes" in line

@@ -515,6 +515,50 @@ def test_rsna_map_hand_cases():
     assert M.rsna_map([[[0, 0, 10, 6]]], [[0.7]], [[GT_A]]) == pytest.approx(0.5)
 
 
+def test_detection_ap_hand_case_and_edges():
+    gts = [[GT_A], [[20, 20, 30, 30], [40, 40, 50, 50]]]
+    preds = [[GT_A, GT_A], [[0, 0, 5, 5], [20, 20, 30, 30]]]
+    scores = [[0.9, 0.6], [0.8, 0.7]]
+    # ranked: TP (0.9), FP (0.8), TP (0.7), duplicate of a matched box = FP (0.6); 1 GT missed
+    # precision 1, 1/2, 2/3, 1/2 at recall 1/3, 1/3, 2/3, 2/3 -> AP = 1/3 * 1 + 1/3 * 2/3 = 5/9
+    assert M.detection_ap(preds, scores, gts) == pytest.approx(5 / 9)
+    # free of any score threshold: scaling every score keeps the ranking and the AP
+    small = [[0.09, 0.06], [0.08, 0.07]]
+    assert M.detection_ap(preds, small, gts) == pytest.approx(5 / 9)
+    assert M.rsna_map([[]] * 2, [[]] * 2, gts) == 0.0  # the same detections cut at 0.3: none left
+    assert M.detection_ap([[GT_A]], [[0.1]], [[GT_A]]) == 1.0
+    assert M.detection_ap([np.zeros((0, 4))], [[]], [[GT_A]]) == 0.0
+    assert math.isnan(M.detection_ap([[GT_A]], [[0.5]], [np.zeros((0, 4))]))
+    # IoU exactly 0.5 counts as a hit (>=), just under does not
+    assert M.detection_ap([[[0, 0, 10, 5]]], [[0.5]], [[GT_A]]) == 1.0
+    assert M.detection_ap([[[0, 0, 10, 4.9]]], [[0.5]], [[GT_A]]) == 0.0
+    with pytest.raises(ValueError, match="same images"):
+        M.detection_ap([[GT_A]], [], [[GT_A]])
+    with pytest.raises(ValueError, match="iou_threshold"):
+        M.detection_ap([[GT_A]], [[0.5]], [[GT_A]], iou_threshold=0.0)
+
+
+def test_detection_ap_equals_the_interpolated_area_of_sklearns_pr_curve():
+    """When every ground-truth box is found exactly once, the hits and scores define the PR
+    curve completely: sklearn's precision_recall_curve on them, made monotone, gives the AP."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    preds, scores, gts, y, s = [], [], [], [], []
+    for i in range(30):
+        n_gt = int(rng.integers(0, 3))
+        g = [[10.0 * k, 0, 10.0 * k + 8, 8] for k in range(n_gt)]
+        p = list(g) + [[100.0 + 10 * k, 100, 108 + 10 * k, 108] for k in range(int(rng.integers(0, 3)))]
+        sc = rng.random(len(p)).tolist()
+        preds.append(np.asarray(p).reshape(-1, 4)), scores.append(sc), gts.append(np.asarray(g).reshape(-1, 4))
+        y += [1] * n_gt + [0] * (len(p) - n_gt)
+        s += sc
+    precision, recall, _ = sklearn_metrics.precision_recall_curve(y, s)
+    precision, recall = precision[::-1], recall[::-1]  # recall ascending
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    expected = float(np.sum(np.diff(recall) * envelope[1:]))
+    assert M.detection_ap(preds, scores, gts) == pytest.approx(expected, abs=1e-12)
+
+
 def test_rsna_map_skips_empty_images_and_averages_over_images():
     preds = [[GT_A], np.zeros((0, 4)), [[0, 0, 10, 6]]]
     scores = [[0.9], [], [0.7]]
