@@ -5,7 +5,7 @@ Phantoms for all three task datasets, with a label-correlated shortcut cue OUTSI
 in the COVID training data (``shortcut=`` its strength, the probability that the cue agrees
 with the label). ``model=covidmt`` (six tasks, the default) or ``model=baseline`` (COVID only);
 ``size`` (80 px), ``n`` phantoms per dataset (480), ``steps`` (-1: the demo's epochs), ``seed`` (0),
-``width`` (ResNet-18 stage widths as a fraction of torchvision's; 1.0).
+``width`` (ResNet-18 stage widths as a fraction of torchvision's; 0.5).
 
     python -m covidmt_jax.train --config configs/demo.py --workdir runs/demo_mt
     python -m covidmt_jax.train --config configs/demo.py:model=baseline,seed=1 --workdir runs/demo_base
@@ -13,7 +13,7 @@ with the label). ``model=covidmt`` (six tasks, the default) or ``model=baseline`
 from covidmt_jax.config_lib import ConfigError, parse_arg
 from covidmt_jax.demo import demo_train_config
 
-KEYS = {"model": "covidmt", "size": 80, "n": 480, "shortcut": 0.9, "steps": -1, "seed": 0, "width": 1.0}
+KEYS = {"model": "covidmt", "size": 80, "n": 480, "shortcut": 0.9, "steps": -1, "seed": 0, "width": 0.5}
 
 
 def get_config(arg=None):

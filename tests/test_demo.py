@@ -125,10 +125,12 @@ def test_findings_separate_uncalibrated_box_scores_from_missed_boxes():
                 demo.MT: {**r, "box_map": box_map, "box_ap50": ap}}
 
     p = {k: 0.01 for k, _, _, _ in demo.COMPARED}
-    found = demo.findings([figs(0.0, 0.4), figs(0.1, 0.6), figs(0.0, 0.5)], [p] * 3, None, [0, 1, 2])
+    found = demo.findings([figs(0.0, 0.5), figs(0.1, 0.7), figs(0.0, 0.6)], [p] * 3, None, [0, 1, 2])
     line = next(s for s in found if "box task" in s)
-    assert "RSNA mAP 0 in seed(s) 0, 2" in line and "AP at IoU 0.5 was 0.400–0.600" in line
-    assert "above 0 in 3 of 3 seeds" in line and "not yet calibrated" in line
-    missed = demo.findings([figs(0.0, 0.0), figs(0.0, 0.3), figs(0.0, 0.5)], [p] * 3, None, [0, 1, 2])
+    assert "RSNA mAP 0 in seed(s) 0, 2" in line and "AP at IoU 0.5 was 0.500–0.700" in line
+    assert "found and ranked above the false alarms in every seed" in line
+    missed = demo.findings([figs(0.0, 0.005), figs(0.0, 0.006), figs(0.0, 0.0)], [p] * 3, None, [0, 1, 2])
     line = next(s for s in missed if "box task" in s)
-    assert "above 0 in 2 of 3 seeds" in line and "not every seed found the boxes" in line
+    assert "below 0.1 in every seed" in line and "has not learned to find the boxes" in line
+    mixed = demo.findings([figs(0.0, 0.05), figs(0.0, 0.6), figs(0.0, 0.3)], [p] * 3, None, [0, 1, 2])
+    assert "seeds disagree" in next(s for s in mixed if "box task" in s)
