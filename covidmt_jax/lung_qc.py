@@ -64,6 +64,12 @@ class QCThresholds:
         lo, hi = self.uncertain_band
         if not 0 < lo < 0.5 < hi < 1:
             raise ValueError(f"uncertain_band must satisfy 0 < lo < 0.5 < hi < 1, got {self.uncertain_band}")
+        for name in ("min_component", "lungish", "max_uncertain", "min_convention_dice", "min_fields_inside"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if int(self.n_components) != self.n_components or self.n_components < 1:
+            raise ValueError(f"n_components must be a positive integer, got {self.n_components}")
 
 
 DEFAULT_THRESHOLDS = QCThresholds()

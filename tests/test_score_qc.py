@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from covidmt_jax import metrics
+from covidmt_jax import lung_qc, metrics
 from covidmt_jax.lung_qc import QC_FLAGS, mask_qc, qc_counts
 from covidmt_jax.lungs import lung_segmenter
 from covidmt_jax.scoring import job, loading, step
@@ -208,3 +208,35 @@ def test_rows_of_the_previous_format_are_refused(exported, tmp_path):  # noqa: F
     path.write_text(json.dumps(old))
     with pytest.raises(job.ConfigError, match="fingerprint version 2 -> 3"):
         job.score_pairs(cfg, tmp_path, models=loaded)
+
+
+def test_qc_thresholds_come_from_the_config(exported, tmp_path):  # noqa: F811
+    """``config.lung_qc`` sets the thresholds: impossible or unknown values are refused with
+    the key named; a strict lung-fraction range flags every film (the random U-Net puts about
+    half of the pixels in the lungs); the summary records the thresholds used; and a rerun
+    with other thresholds is refused as another job (the flags in the rows would differ)."""
+    from covidmt_jax.config_lib import ConfigError
+    from covidmt_jax.scoring.config import qc_thresholds, validate
+    cfg = _cfg(exported, n=3)
+    assert qc_thresholds(cfg) == lung_qc.DEFAULT_THRESHOLDS
+    for key, bad in (("max_fraction", 1.5), ("uncertain_band", (0.6, 0.9)), ("n_components", 0)):
+        broken = _cfg(exported, n=3)
+        broken.lung_qc[key] = bad
+        with pytest.raises(ConfigError, match=f"config.lung_qc: .*{key}"):
+            validate(broken)
+    broken = _cfg(exported, n=3)
+    broken.lung_qc.max_fraktion = 0.5
+    with pytest.raises(ConfigError, match="config.lung_qc: unknown key.*max_fraktion"):
+        validate(broken)
+    cfg.lung_qc.min_fraction, cfg.lung_qc.max_fraction = 0.0, 0.01
+    cfg.gallery.flipped = cfg.gallery.random = cfg.gallery.qc_flagged = 0
+    loaded = loading.load_models(cfg)
+    summary = job.score_pairs(cfg, tmp_path, models=loaded)
+    rows = RowStore(tmp_path, "csv", job.row_columns(["lungs"])).read()
+    flags = _check_run(summary, rows, tmp_path)
+    assert summary["lung_qc"]["thresholds"]["max_fraction"] == 0.01
+    assert all("fraction" in f for side in flags.values() for f in side), flags
+    assert summary["lung_qc"]["original"]["flagged"] == summary["lung_qc"]["original"]["n"] == 3
+    default = _cfg(exported, n=3)
+    with pytest.raises(ConfigError, match="different job.*lung_qc"):
+        job.score_pairs(default, tmp_path, models=loaded)

@@ -10,6 +10,8 @@ Layout (``base_config()``)::
     image_size, batch_size, num_workers, dtype
     cam.method, cam.cam_threshold, eta, threshold, n_boot, seed
     gallery.flipped, gallery.random, gallery.qc_flagged (pairs with a flagged lung mask),
+    lung_qc.*            the lung-mask QC thresholds (fields of covidmt_jax.lung_qc.QCThresholds,
+                         defaults justified there), e.g. --config.lung_qc.max_fraction=0.7
     output.format, log_every, progress
 
 Kind-specific checks of a classifier entry (e.g. ``kind="torch"`` needs ``model``) live with the
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import dataclasses
+
 import ml_collections
 
+from covidmt_jax import lung_qc
 from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.explain import METHODS
 
@@ -82,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.n_boot = 2000
     c.seed = 0
     c.gallery = ml_collections.ConfigDict({"flipped": 8, "random": 8, "qc_flagged": 8})
+    c.lung_qc = ml_collections.ConfigDict(dataclasses.asdict(lung_qc.DEFAULT_THRESHOLDS))
     c.output = ml_collections.ConfigDict({"format": "csv"})
     c.log_every = 20
     c.progress = True
@@ -126,7 +132,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Fail on unknown keys and impossible values before anything expensive happens."""
     ref = base_config()
     _check_keys(cfg, ref, "config")
-    for sec in ("pairs", "cam", "gallery", "output"):
+    for sec in ("pairs", "cam", "gallery", "output", "lung_qc"):
         if sec in cfg:
             _check_keys(cfg[sec], ref[sec], f"config.{sec}")
     if not cfg.classifiers:
@@ -160,6 +166,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if int(cfg[key]) < low:
             raise ConfigError(f"config.{key} must be >= {low}, got {cfg[key]}")
     _one_of(cfg.dtype, DTYPES, "config.dtype")
+    qc_thresholds(cfg)
+
+
+def qc_thresholds(cfg: ml_collections.ConfigDict) -> lung_qc.QCThresholds:
+    """The lung-mask QC thresholds of ``cfg.lung_qc`` (the defaults where the section or a
+    key is absent, e.g. a config written before the section existed); :class:`ConfigError`
+    naming the key when a value is impossible."""
+    given = dict(cfg.lung_qc.to_dict()) if "lung_qc" in cfg else {}
+    known = {f.name for f in dataclasses.fields(lung_qc.QCThresholds)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"config.lung_qc: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        values = {k: (tuple(float(x) for x in v) if k == "uncertain_band" else
+                      int(v) if k == "n_components" else float(v)) for k, v in given.items()}
+        if "uncertain_band" in values and len(values["uncertain_band"]) != 2:
+            raise ValueError(f"uncertain_band must be (lo, hi), got {given['uncertain_band']}")
+        return lung_qc.QCThresholds(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.lung_qc: {e}") from None
 
 
 def with_quality(cfg: ml_collections.ConfigDict, quality: int) -> ml_collections.ConfigDict:

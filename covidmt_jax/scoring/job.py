@@ -46,7 +46,7 @@ from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.lungs import LungSegmenter
 from covidmt_jax.normalisation import denormalise
 from covidmt_jax.scoring import pairs as pairs_lib
-from covidmt_jax.scoring.config import validate, with_quality
+from covidmt_jax.scoring.config import qc_thresholds, validate, with_quality
 from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head, check_classifiers, load_models
 from covidmt_jax.scoring.rows import INPUT_SIG, RowStore, pair_rows, row_columns, select
 from covidmt_jax.scoring.step import Scorer
@@ -84,7 +84,7 @@ def settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "channel": p.channel, "quality": p.quality, "label": p.label,
         "max_aspect_diff": p.max_aspect_diff, "image_size": cfg.image_size, "dtype": cfg.dtype,
         "cam": cfg.cam.to_dict(), "threshold": cfg.threshold, "row_format": cfg.output.format,
-        "lung_qc": dataclasses.asdict(lung_qc.DEFAULT_THRESHOLDS)},
+        "lung_qc": dataclasses.asdict(qc_thresholds(cfg))},
         default=str))
 
 
@@ -193,7 +193,7 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     fp = fingerprint(jcfg, classifiers, lungs)
     existed = check_job(workdir, fp, store.path)
     scorer = Scorer(classifiers, lungs, cfg.image_size, cfg.batch_size, method=cfg.cam.method,
-                    cam_threshold=cfg.cam.cam_threshold, mesh=mesh)
+                    cam_threshold=cfg.cam.cam_threshold, mesh=mesh, qc_thresholds=qc_thresholds(cfg))
     p = jax.process_index()
     if not existed and p == 0:
         write_json(workdir / "job.json", {"fingerprint": fp})
