@@ -4,7 +4,8 @@
 
 Arguments (``--config FILE:k=v,...``): ``root`` (data root holding ``lungs_mc_sz_512`` and
 ``lungs_diseased/``), ``image_size``, ``width``, ``resize`` (squash | letterbox | both: non-square films in both forms), ``steps``,
-``lr``, ``batch``, ``init`` (an exported U-Net to start from; ``none`` = random init).
+``lr``, ``batch``, ``init`` (an exported U-Net to start from; ``none`` = random init),
+``eval_every``, ``checkpoint_every``, ``seed``. Rerunning with the same ``--workdir`` resumes.
 Defaults: fine-tune the shipped fields U-Net (width 8, 256 px) for 1,500 steps of batch 8;
 non-square films (the anatomical set) are trained squashed and letterboxed, and val Dice is
 measured both ways to choose the inference policy.
@@ -16,7 +17,7 @@ import ml_collections
 from covidmt_jax.config_lib import parse_arg
 
 SHIPPED_FIELDS = str(Path(__file__).resolve().parents[1] / "covidmt_jax" / "assets" / "lung_unet")
-KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "seed"}
+KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "checkpoint_every", "seed"}
 
 
 def get_config(arg=None):
@@ -41,5 +42,6 @@ def get_config(arg=None):
     c.init = "" if init == "none" else init
     c.seed = int(opts.get("seed", 0))
     c.eval_every = int(opts.get("eval_every", 250))
+    c.checkpoint_every = int(opts.get("checkpoint_every", 50))  # and after every evaluation
     c.log_every = 10
     return c

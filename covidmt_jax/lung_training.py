@@ -87,33 +87,47 @@ def merge_policies(loaded: list[dict]) -> dict:
 
 class BatchStream:
     """Augmented training batches ``{"image": float32 [B, S, S, 1] normalised, "mask":
-    float32 [B, S, S], "convention": int32 [B]}`` from weighted sets, built by a thread."""
+    float32 [B, S, S], "convention": int32 [B]}`` from weighted sets, built by a thread.
+
+    Batch ``i`` (1-based step) depends only on ``(seed, i)``: its generator is
+    ``numpy.random.default_rng([seed, i])``, so a resumed run starting at ``start`` draws
+    exactly the batches the uninterrupted run would have drawn."""
 
     def __init__(self, sets: Mapping[str, dict], weights: Mapping[str, float], batch_size: int,
-                 augment: LungAugment, seed: int, prefetch: int = 4):
+                 augment: LungAugment, seed: int, prefetch: int = 4, start: int = 1):
         self.sets, self.names = sets, sorted(sets)
         w = np.array([float(weights.get(n, 1.0)) for n in self.names])
         self.p = w / w.sum()
-        self.batch_size, self.augment = batch_size, augment
-        self.rng = np.random.default_rng(seed)
+        self.batch_size, self.augment, self.seed = batch_size, augment, int(seed)
+        self.next_step = int(start)
         self.q: queue.Queue = queue.Queue(prefetch)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _one(self) -> dict[str, np.ndarray]:
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The batch of training step ``step``."""
+        rng = np.random.default_rng([self.seed, int(step)])
         imgs, masks, convs = [], [], []
         for _ in range(self.batch_size):
-            d = self.sets[self.names[self.rng.choice(len(self.names), p=self.p)]]
-            j = int(self.rng.integers(len(d["ids"])))
-            x, m = self.augment(d["images"][j].astype(np.float32) / 255.0, d["masks"][j], self.rng)
+            d = self.sets[self.names[rng.choice(len(self.names), p=self.p)]]
+            j = int(rng.integers(len(d["ids"])))
+            x, m = self.augment(d["images"][j].astype(np.float32) / 255.0, d["masks"][j], rng)
             imgs.append(normalise(x)), masks.append(m.astype(np.float32)), convs.append(d["convention"][j])
         return {"image": np.stack(imgs)[..., None], "mask": np.stack(masks),
                 "convention": np.asarray(convs, np.int32)}
 
     def _run(self):
+        step = self.next_step
         while not self._stop.is_set():
-            self.q.put(self._one())
+            item = self.batch(step)
+            while not self._stop.is_set():
+                try:
+                    self.q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            step += 1
 
     def __next__(self) -> dict[str, np.ndarray]:
         return self.q.get()
@@ -222,18 +236,16 @@ def val_dice(model: nnx.Module, val_sets: Mapping[str, dict]) -> dict[str, float
 
 # ----------------------------------------------------------------------------- main loop
 
-def train(cfg, workdir: str | Path) -> dict[str, Any]:
-    """Run one training; returns the best val Dice per set and the step."""
-    from covidmt_jax import models
+def load_sets(cfg) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The config's train and val splits decoded at ``cfg.image_size`` (:func:`load_split`):
+    ``({set: train data}, {set: val data})``; with ``resize="both"`` the train sets hold the
+    non-square films in both forms and ``{set}@letterbox`` val entries are added (scored,
+    not in the model-selection mean)."""
     from covidmt_jax.data.splits import set_folders
-    from covidmt_jax.export import save_model
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     folders = set_folders(cfg.data_root)
     missing = [s for s in cfg.sets if s not in folders]
     if missing:
         raise FileNotFoundError(f"{cfg.data_root}: lung set(s) {missing} not found")
-    t0 = time.time()
     policies = RESIZE_POLICIES if cfg.resize == "both" else (cfg.resize,)
     train_sets, val_sets = {}, {}
     for s in cfg.sets:
@@ -244,57 +256,136 @@ def train(cfg, workdir: str | Path) -> dict[str, Any]:
             if p == policies[0]:
                 val_sets[s] = va
             elif (va["images"] != val_sets[s]["images"]).any():
-                val_sets[f"{s}@{p}"] = va  # scored, not in the model-selection mean
-    log.info("loaded %s train / %s val films in %.0f s", {k: len(v["ids"]) for k, v in train_sets.items()},
-             {k: len(v["ids"]) for k, v in val_sets.items()}, time.time() - t0)
+                val_sets[f"{s}@{p}"] = va
+    return train_sets, val_sets
+
+
+# config fields a resumed run must share with the checkpointed one
+RUN_FIELDS = ("sets", "weights", "image_size", "width", "resize", "steps", "lr", "batch_size", "init", "seed")
+
+
+def _run_config(cfg) -> dict[str, Any]:
+    def plain(v):
+        return {k: plain(x) for k, x in v.items()} if hasattr(v, "items") else v
+    return json.loads(json.dumps(jsonable({k: plain(cfg[k]) for k in RUN_FIELDS})))
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop ``metrics.jsonl`` records of steps after ``last_step`` (written by a run that died
+    before its next checkpoint; the resumed run writes them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg, workdir: str | Path, sets: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """Run one training (or resume it); returns the best val Dice mean and its step.
+
+    ``sets``: ``(train_sets, val_sets)`` as :func:`load_sets` returns them (default: loaded
+    from ``cfg.data_root``). Model, Adam state, step and best-so-far are checkpointed to
+    ``WORKDIR/checkpoints`` (orbax) every ``cfg.checkpoint_every`` steps and after every
+    evaluation; a rerun with the same workdir resumes from the latest checkpoint and, because
+    batch ``i`` depends only on ``(seed, i)``, continues as the uninterrupted run would. A
+    workdir holding a run of other settings (:data:`RUN_FIELDS`) is refused, naming them.
+    A non-finite loss stops the run naming the step; the last checkpoint stays intact.
+    """
+    from covidmt_jax import models
+    from covidmt_jax.checkpoint import TrainCheckpointer
+    from covidmt_jax.export import save_model
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_config = _run_config(cfg)
+    ckpt = TrainCheckpointer(workdir, max_to_keep=2)
     kwargs = {"depth": 4, "base_width": int(cfg.width), "batch_norm": True, "num_classes": len(CONVENTIONS),
               "in_channels": 1}
     model = models.create("unet", rngs=nnx.Rngs(cfg.seed), **kwargs)
-    if cfg.init:
-        log.info("init from %s: %d tensors", cfg.init, len(init_from_export(model, cfg.init)))
     schedule = optax.warmup_cosine_decay_schedule(cfg.lr * 0.1, cfg.lr, min(100, cfg.steps // 10), cfg.steps,
                                                   cfg.lr * 0.02)
     optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, batch):
-        def loss_fn(m):
-            return masked_convention_loss(m(batch["image"]), batch["mask"], batch["convention"])
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    stream = BatchStream(train_sets, dict(cfg.weights), cfg.batch_size, LungAugment(), cfg.seed)
+    start, best, best_step, elapsed0 = 0, -1.0, -1, 0.0
     metrics_path = workdir / "metrics.jsonl"
-    best, best_step, losses = -1.0, -1, []
-    meta = {"image_size": int(cfg.image_size), "outputs": list(CONVENTIONS), "resize": policies[0],
-            "trained_resize": cfg.resize,
-            "summary": f"U-Net width {cfg.width}, {len(CONVENTIONS)} convention heads",
-            "sets": list(cfg.sets), "init": str(cfg.init or "")}
-    t_start = time.time()
     try:
-        for i in range(1, cfg.steps + 1):
-            model.train()
-            batch = {k: jnp.asarray(v) for k, v in next(stream).items()}
-            losses.append(float(step(model, optimizer, batch)))
-            if i % cfg.log_every == 0:
-                log.info("step %d loss %.4f (%.2f s/step)", i, np.mean(losses[-cfg.log_every:]),
-                         (time.time() - t_start) / i)
-            if i % cfg.eval_every == 0 or i == cfg.steps:
-                d = val_dice(model, val_sets)
-                score = float(np.mean([v for k, v in d.items() if "@" not in k]))
-                rec = {"step": i, "loss": float(np.mean(losses[-cfg.eval_every:])), "val_dice": d,
-                       "mean": score, "elapsed_s": round(time.time() - t_start, 1)}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(jsonable(rec), allow_nan=False) + "\n")  # strict JSON: NaN -> null
-                log.info("eval %s", rec)
-                if score > best:
-                    best, best_step = score, i
-                    save_model(workdir / "export" / "best", model, name="unet", model_kwargs=kwargs,
-                               metadata=dict(meta, step=i, val_dice=d, train_s=round(time.time() - t_start)))
+        if ckpt.latest_step() is not None:
+            restored, _, meta = ckpt.restore(nnx.state((model, optimizer)))
+            differ = sorted(k for k in RUN_FIELDS if meta["config"].get(k) != run_config.get(k))
+            if differ:
+                raise ValueError(
+                    f"{workdir} holds a lung training run with other settings ({', '.join(differ)}: "
+                    f"{ {k: meta['config'].get(k) for k in differ} } there, { {k: run_config[k] for k in differ} } "
+                    f"now); use a new --workdir, or the same settings to resume")
+            nnx.update((model, optimizer), restored)
+            start, best, best_step, elapsed0 = meta["step"], meta["best"], meta["best_step"], meta["elapsed_s"]
+            _truncate_metrics(metrics_path, start)
+            log.info("resumed from %s at step %d (best mean val Dice %.4f at step %d)", ckpt.directory, start,
+                     best, best_step)
+        elif cfg.init:
+            log.info("init from %s: %d tensors", cfg.init, len(init_from_export(model, cfg.init)))
+        if start >= cfg.steps:
+            return {"best_mean_dice": best, "best_step": best_step, "train_s": elapsed0}
+
+        t0 = time.time()
+        train_sets, val_sets = sets if sets is not None else load_sets(cfg)
+        log.info("loaded %s train / %s val films in %.0f s", {k: len(v["ids"]) for k, v in train_sets.items()},
+                 {k: len(v["ids"]) for k, v in val_sets.items()}, time.time() - t0)
+
+        @nnx.jit
+        def step(model, optimizer, batch):
+            def loss_fn(m):
+                return masked_convention_loss(m(batch["image"]), batch["mask"], batch["convention"])
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        stream = BatchStream(train_sets, dict(cfg.weights), cfg.batch_size, LungAugment(), cfg.seed, start=start + 1)
+        policies = RESIZE_POLICIES if cfg.resize == "both" else (cfg.resize,)
+        meta = {"image_size": int(cfg.image_size), "outputs": list(CONVENTIONS), "resize": policies[0],
+                "trained_resize": cfg.resize,
+                "summary": f"U-Net width {cfg.width}, {len(CONVENTIONS)} convention heads",
+                "sets": list(cfg.sets), "init": str(cfg.init or "")}
+        losses: list[float] = []
+        t_start = time.time()
+        elapsed = lambda: elapsed0 + time.time() - t_start  # noqa: E731
+
+        def save_checkpoint(i: int) -> None:
+            ckpt.save(i, nnx.state((model, optimizer)), {},
+                      {"step": i, "best": best, "best_step": best_step, "elapsed_s": round(elapsed(), 1),
+                       "config": run_config}, force=True)
+
+        try:
+            for i in range(start + 1, cfg.steps + 1):
+                model.train()
+                batch = {k: jnp.asarray(v) for k, v in next(stream).items()}
+                loss = float(step(model, optimizer, batch))
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss}) at step {i}; the last checkpoint (step "
+                        f"{ckpt.latest_step()}) in {ckpt.directory} is intact: lower lr and use a new workdir")
+                losses.append(loss)
+                if i % cfg.log_every == 0:
+                    log.info("step %d/%d loss %.4f (%.2f s/step)", i, cfg.steps,
+                             np.mean(losses[-cfg.log_every:]), (time.time() - t_start) / (i - start))
+                evaluated = i % cfg.eval_every == 0 or i == cfg.steps
+                if evaluated:
+                    d = val_dice(model, val_sets)
+                    score = float(np.mean([v for k, v in d.items() if "@" not in k]))
+                    rec = {"step": i, "loss": float(np.mean(losses[-cfg.eval_every:])), "val_dice": d,
+                           "mean": score, "elapsed_s": round(elapsed(), 1)}
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(jsonable(rec), allow_nan=False) + "\n")  # strict JSON: NaN -> null
+                    log.info("eval %s", rec)
+                    if score > best:
+                        best, best_step = score, i
+                        save_model(workdir / "export" / "best", model, name="unet", model_kwargs=kwargs,
+                                   metadata=dict(meta, step=i, val_dice=d, train_s=round(elapsed())))
+                if evaluated or i % cfg.checkpoint_every == 0:
+                    save_checkpoint(i)
+        finally:
+            stream.close()
+        ckpt.wait()
     finally:
-        stream.close()
-    return {"best_mean_dice": best, "best_step": best_step, "train_s": time.time() - t_start}
+        ckpt.close()
+    return {"best_mean_dice": best, "best_step": best_step, "train_s": elapsed()}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -211,3 +211,82 @@ def test_score_with_both_conventions_end_to_end(tmp_path):
     assert ok and all(0 < float(r["lung_frac_orig_anatomical"]) < 1 for r in ok)
     summary = (work / "summary.json").read_text()
     assert "anatomical" in summary
+
+
+def _tiny_lung_sets(size: int = 32):
+    """Two in-memory sets (one per convention) as ``lung_training.load_sets`` returns them."""
+    rng = np.random.default_rng(0)
+
+    def one_set(n, convention):
+        masks = np.zeros((n, size, size), np.uint8)
+        masks[:, 6:26, 5:14] = masks[:, 6:26, 18:27] = 1
+        images = (rng.random((n, size, size)) * 80 + 100 * (1 - masks)).astype(np.uint8)
+        return {"images": images, "masks": masks, "convention": np.full(n, convention, np.int32),
+                "ids": [f"f{i}" for i in range(n)], "meta": [{} for _ in range(n)]}
+
+    train = {"a": one_set(6, 0), "b": one_set(6, 1)}
+    val = {"a": one_set(2, 0), "b": one_set(2, 1)}
+    return train, val
+
+
+def _lung_run_config(**over):
+    import ml_collections
+    c = ml_collections.ConfigDict({
+        "data_root": "unused", "sets": ("a", "b"), "weights": {"a": 0.5, "b": 0.5}, "image_size": 32,
+        "width": 2, "resize": "squash", "steps": 6, "lr": 1e-3, "batch_size": 2, "init": "", "seed": 0,
+        "eval_every": 3, "checkpoint_every": 2, "log_every": 1})
+    c.update(over)
+    return c
+
+
+def _checkpoint_params(workdir):
+    from safetensors.numpy import load_file
+    return load_file(str(Path(workdir) / "export" / "best" / "params.safetensors"))
+
+
+def test_lung_training_resumes_as_if_never_interrupted(tmp_path, monkeypatch):
+    """Killed after step 5 (last checkpoint: step 4), rerun with the same workdir: the same
+    final weights and metrics as one uninterrupted run; other settings are refused."""
+    import json
+
+    from covidmt_jax import lung_training as lt
+    sets = _tiny_lung_sets()
+    ref = lt.train(_lung_run_config(), tmp_path / "ref", sets=sets)
+
+    real_info = lt.log.info
+
+    def die_after_step_5(msg, *args):
+        if msg.startswith("step") and args[0] == 5:
+            raise KeyboardInterrupt("simulated kill after step 5")
+        real_info(msg, *args)
+
+    monkeypatch.setattr(lt.log, "info", die_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        lt.train(_lung_run_config(), tmp_path / "killed", sets=sets)
+    monkeypatch.setattr(lt.log, "info", real_info)
+    with pytest.raises(ValueError, match=r"other settings \(lr"):
+        lt.train(_lung_run_config(lr=2e-3), tmp_path / "killed", sets=sets)
+    resumed = lt.train(_lung_run_config(), tmp_path / "killed", sets=sets)
+
+    assert resumed["best_step"] == ref["best_step"]
+    assert resumed["best_mean_dice"] == pytest.approx(ref["best_mean_dice"], abs=1e-6)
+    a, b = _checkpoint_params(tmp_path / "ref"), _checkpoint_params(tmp_path / "killed")
+    assert set(a) == set(b)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6]
+    # a finished workdir: nothing to do, same answer
+    again = lt.train(_lung_run_config(), tmp_path / "killed", sets=sets)
+    assert again["best_step"] == ref["best_step"]
+
+
+def test_lung_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
+    from covidmt_jax import lung_training as lt
+    from covidmt_jax.checkpoint import TrainCheckpointer
+    real = lt.masked_convention_loss
+    monkeypatch.setattr(lt, "masked_convention_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1;"):
+        lt.train(_lung_run_config(), tmp_path, sets=_tiny_lung_sets())
+    ck = TrainCheckpointer(tmp_path)
+    assert ck.latest_step() is None
+    ck.close()
