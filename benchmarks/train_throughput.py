@@ -213,8 +213,12 @@ def bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: i
     return result
 
 
-def _bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: int,
-               dtype: str, seed: int) -> Measurement:
+def compile_jax_step(model: BenchModel, size: int, batch: int, *, dtype: str = "float32",
+                     seed: int = 0) -> tuple[Callable[[], float], float]:
+    """The trainer's jitted step (donated state) for ``model`` at ``size`` px on a synthetic
+    batch already on the device, compiled with the CPU conv switch in force now. Returns
+    ``(step, compile_s)``: ``step()`` runs one optimisation step, waits for it and returns
+    the loss; its state lives only inside ``step`` (donated each call)."""
     import jax
     from flax import nnx
 
@@ -246,17 +250,23 @@ def _bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: 
     compiled = step_fn.lower(state, dev_batch).compile()
     compile_s = time.perf_counter() - t0
     del net, optimizer  # the state below is the only live copy (it is donated each step)
-
-    holder = {"state": state, "metrics": None}
+    holder = {"state": state}
+    del state
 
     def step() -> float:
-        holder["state"], holder["metrics"] = compiled(holder["state"], dev_batch)
-        jax.block_until_ready((holder["state"], holder["metrics"]))
-        return float(holder["metrics"]["loss"])
+        holder["state"], metrics = compiled(holder["state"], dev_batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return float(metrics["loss"])
 
+    return step, compile_s
+
+
+def _bench_jax(model: BenchModel, size: int, batch: int, *, steps: int, warmup: int,
+               dtype: str, seed: int) -> Measurement:
+    step, compile_s = compile_jax_step(model, size, batch, dtype=dtype, seed=seed)
     warm, times, losses = _timed_loop(step, warmup, steps, sync=lambda: None)
     result = Measurement(model.name, size, "jax", batch, dtype, times, compile_s, warm, losses)
-    del holder, state, dev_batch, compiled, step_fn
+    del step
     gc.collect()
     return result
 

@@ -133,3 +133,73 @@ def test_gradcam_benchmark_runs_every_method_and_tabulates(cam_bench):
     assert len(table) == 2 + len(rows) and table[2].startswith("| explain.gradcam | 32 | 2 |")
     with pytest.raises(SystemExit):
         cam_bench.parse_args(["--sizes", "x"])
+
+
+# ----------------------------------------------------------------------------- paired_ab.py
+
+PAIRED = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_ab.py"
+
+
+@pytest.fixture(scope="module")
+def paired(bench):
+    spec = importlib.util.spec_from_file_location("paired_ab", PAIRED)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sign_test_interval_uses_binomial_order_statistics(paired):
+    x = list(range(1, 13))  # n = 12: P(Bin(12, 1/2) <= 2) = 0.019 <= 0.025 < P(<= 3) = 0.073 -> k = 3
+    assert paired.sign_test_interval(x[::-1]) == (3, 10)
+    assert paired.sign_test_interval(list(range(6))) == (0, 5)  # n = 6: k = 1, the extremes
+    lo, hi = paired.sign_test_interval([1.0] * 5)  # n = 5: no 95 % interval exists
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_paired_summary_ratios(paired):
+    a = [100.0, 110, 90, 100, 105, 95, 100, 98]
+    s = paired.paired_summary(a, [2 * v for v in a])
+    assert s["ratios"] == [2.0] * 8 and s["median_ratio"] == 2.0 and s["ratio_ci95"] == [2.0, 2.0]
+    s = paired.paired_summary(a, [v * (1.1 if i % 2 else 1 / 1.1) for i, v in enumerate(a)])  # log-symmetric
+    assert s["ratio_ci95"][0] < 1 < s["ratio_ci95"][1] and s["wilcoxon_p"] > 0.05
+    s = paired.paired_summary(a, [v * (1.05 + 0.01 * i) for i, v in enumerate(a)])  # B always slower
+    assert 1.05 <= s["ratio_ci95"][0] and s["ratio_ci95"][1] <= 1.12 and s["wilcoxon_p"] < 0.01
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):
+        paired.paired_summary([1.0], [])
+
+
+def test_paired_run_times_both_switch_settings(paired):
+    res = paired.run("resnet18", 32, 2, ("on", "off"), rounds=2, steps=1, warmup=0, log=lambda m: None)
+    assert res["arms"] == ["on", "off"] and res["rounds"] == 2
+    assert all(len(v) == 2 and min(v) > 0 for v in res["per_round_ms"].values())
+    assert res["ratios"] == pytest.approx([b / a for a, b in zip(res["per_round_ms"]["on"], res["per_round_ms"]["off"])])
+    assert "paired ratio off / on" in paired.format_result(res)
+
+
+def test_vjp_arm_swaps_the_differentiation_rule_only(paired):
+    """Under the ``vjp`` arm the kernels are a custom_vjp (forward mode refused: the swap is in
+    force) with the same values and gradients as lax; outside it, the package's custom_jvp."""
+    import jax
+    import jax.numpy as jnp
+    from covidmt_jax.models import cpu_conv, layers
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU conv kernels run on the CPU backend only")
+    dn = ("NHWC", "HWIO", "NHWC")
+    x = jax.random.normal(jax.random.key(0), (2, 40, 40, 16))
+    ws = {"grouped": jax.random.normal(jax.random.key(1), (3, 3, 2, 16)),   # elementwise + chunked dW
+          "dense": jax.random.normal(jax.random.key(2), (3, 3, 16, 8))}     # XLA fwd + chunked dW
+    for name, w in ws.items():
+        groups = 16 // w.shape[2]
+
+        def f(x, w, conv=layers.conv_general_dilated):
+            return (conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, feature_group_count=groups) ** 2).sum()
+        ref = jax.grad(lambda x, w: f(x, w, jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
+        with paired.arm_context("vjp"):
+            assert cpu_conv.enabled_paths() == frozenset(cpu_conv.PATHS)
+            got = jax.grad(f, argnums=(0, 1))(x, w)
+            with pytest.raises(TypeError, match="forward-mode"):
+                jax.jvp(lambda w: f(x, w), (w,), (w,))
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-3 * float(jnp.abs(r).max()), err_msg=name)
+    jax.jvp(lambda w: f(x, w), (w,), (w,))  # the package's custom_jvp is back
