@@ -4,7 +4,8 @@ Why: on a shared 2-core machine the step time of the same program moves by 5-15 
 processes (CPU frequency, page placement, neighbours), which is as large as the effects one
 wants to measure (a kernel change, a path of the CPU conv switch). Here both arms are compiled
 in the same process and timed alternately (ABBA, BAAB, ... so neither arm always runs first),
-``--rounds`` times; each round gives one paired ratio B/A of the median step times. Reported:
+``--rounds`` times; each round gives one paired ratio B/A of the two arms' step times (each
+arm's upper median of its ``2 * steps`` timings in the round, i.e. the slower of two at ``--steps 1``). Reported:
 each arm's median ms/step and range over rounds, the median paired ratio with a distribution-
 free 95 % interval (sign-test order statistics, scipy's binomial distribution) and the
 two-sided Wilcoxon signed-rank p-value of the log ratios (scipy). A ratio interval that
@@ -150,7 +151,7 @@ def run(model: str, size: int, batch: int, arms: tuple[str, str], *, rounds: int
                 t0 = time.perf_counter()
                 steps_by_arm[arm]()
                 times[arm].append(time.perf_counter() - t0)
-        for arm in arms:
+        for arm in arms:  # the upper median of the arm's 2 * steps timings (steps=1: the slower of two)
             per_round[arm].append(1000 * sorted(times[arm])[len(times[arm]) // 2])
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{arm} {per_round[arm][-1]:.0f} ms" for arm in arms))
     summary = paired_summary(per_round[arms[0]], per_round[arms[1]])
@@ -161,11 +162,11 @@ def run(model: str, size: int, batch: int, arms: tuple[str, str], *, rounds: int
 def format_result(res: dict[str, Any]) -> str:
     a, b = res["arms"]
     rows = [f"{res['model']} {res['size']} px, batch {res['batch']}: {res['rounds']} rounds, "
-            f"median of {res['steps_per_round']} steps per arm per round", "",
+            f"per round, each arm's upper median of its {res['steps_per_round']} timed steps", "",
             "| arm | median ms/step | range over rounds | compile s |", "|---|---|---|---|"]
-    for arm in (a, b):
+    for arm, median in ((a, res["a_median_ms"]), (b, res["b_median_ms"])):
         ms = res["per_round_ms"][arm]
-        rows.append(f"| {arm} | {sorted(ms)[len(ms) // 2]:.0f} | {min(ms):.0f}-{max(ms):.0f} | "
+        rows.append(f"| {arm} | {median:.0f} | {min(ms):.0f}-{max(ms):.0f} | "
                     f"{res['compile_s'][arm]:.1f} |")
     lo, hi = res["ratio_ci95"]
     rows += ["", f"paired ratio {b} / {a}: median {res['median_ratio']:.3f}, 95 % interval "

@@ -10,16 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+def load_script(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("train_throughput")
 
 
 def _check(m, framework, batch):
@@ -100,9 +105,7 @@ def test_conv_probe(bench):
 def test_data_throughput_runs_tiny(tmp_path, monkeypatch, capsys):
     """benchmarks/data_throughput.py end to end on 3 phantoms (files and a tfds build)."""
     monkeypatch.setenv("COVIDMT_NO_MALLOC_TUNING", "1")  # never re-exec the test process
-    spec = importlib.util.spec_from_file_location("data_throughput", SCRIPT.parent / "data_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("data_throughput")
     assert mod.main(["--n", "3", "--repeats", "1", "--size", "64", "--source_size", "96", "--no_real",
                      "--workdir", str(tmp_path)]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("files ", "tfds "))]
@@ -114,12 +117,7 @@ def test_data_throughput_runs_tiny(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def cam_bench():
-    path = SCRIPT.parent / "gradcam_throughput.py"
-    spec = importlib.util.spec_from_file_location("gradcam_throughput", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gradcam_throughput")
 
 
 def test_gradcam_benchmark_runs_every_method_and_tabulates(cam_bench):
@@ -137,16 +135,9 @@ def test_gradcam_benchmark_runs_every_method_and_tabulates(cam_bench):
 
 # ----------------------------------------------------------------------------- paired_ab.py
 
-PAIRED = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_ab.py"
-
-
 @pytest.fixture(scope="module")
-def paired(bench):
-    spec = importlib.util.spec_from_file_location("paired_ab", PAIRED)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def paired(bench):  # after bench: paired_ab imports train_throughput
+    return load_script("paired_ab")
 
 
 def test_sign_test_interval_uses_binomial_order_statistics(paired):
