@@ -123,7 +123,8 @@ def _check_run(summary, rows, tmp_path):
 
 def _folder_pairs(root):
     """4 labelled pairs of synthetic films; pair p1's transmitted and pair p2's original image
-    are inverted (grey 1 - x): the shipped U-Nets' masks of inverted films are flagged."""
+    have their right half blacked out (as a lead shield or a cropped upload leaves it): the
+    shipped U-Nets then find one lung, and the mask is flagged for its components."""
     from covidmt_jax.data import images
     from covidmt_jax.data.sources import get_source
     src = get_source("synthetic_pairs", n=4, size=S, channel="whatsapp", quality=20)
@@ -133,7 +134,9 @@ def _folder_pairs(root):
         for side, key in (("orig", "original"), ("trans", "transmitted")):
             data = rec[key]
             if (i, side) in ((1, "trans"), (2, "orig")):
-                data = images.encode_png(1 - images.load_grey(data))
+                grey = images.load_grey(data)
+                grey[:, grey.shape[1] // 2:] = 0.0
+                data = images.encode_png(grey)
             (root / side / cls).mkdir(parents=True, exist_ok=True)
             (root / side / cls / f"p{i}.png").write_bytes(data)
 
@@ -141,7 +144,7 @@ def _folder_pairs(root):
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_scoring_run_with_both_conventions_carries_qc(exported, tmp_path, fmt):  # noqa: F811
     """lungs="both" (the shipped fields and anatomical U-Nets) on 4 folder pairs, two of them
-    with one inverted film: rows, summary, report and gallery carry the QC; resume keeps it."""
+    with one half-blacked film: rows, summary, report and gallery carry the QC; resume keeps it."""
     _folder_pairs(tmp_path / "data")
     cfg = _cfg(exported)
     cfg.lungs = "both"
@@ -159,7 +162,7 @@ def test_scoring_run_with_both_conventions_carries_qc(exported, tmp_path, fmt): 
     flags = _check_run(summary, rows, work)
     by_id = {pid.split("/")[-1]: i for i, pid in enumerate(rows["pair_id"][rows["error"] == ""])}
     assert set(by_id) == {"p0.png", "p1.png", "p2.png", "p3.png"}
-    # the inverted films are flagged, ordinary originals are not (a transmitted film at quality
+    # the half-blacked films are flagged, ordinary originals are not (a transmitted film at quality
     # 20 and 64 px may be)
     assert flags["transmitted"][by_id["p1.png"]] and flags["original"][by_id["p2.png"]]
     assert not flags["original"][by_id["p0.png"]] and not flags["original"][by_id["p3.png"]]
