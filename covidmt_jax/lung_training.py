@@ -410,14 +410,17 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
     scored against its reference by the segmenter of its set's convention. ``channel``:
     also segment the film's transmitted copy (``channels.get_channel``) and report the Dice
     between the two masks (mask stability). ``resize`` overrides each segmenter's policy.
-    Returns ``{"rows": [per film], "groups": {tag: {"n", "dice_mean", "dice_median",
-    "dice_min", "stability_mean", ...}}}``.
+    Returns ``{"rows": [per film], "groups": {tag: {"n", "patients", "dice_mean",
+    "dice_ci95_lo", "dice_ci95_hi", "dice_median", "dice_min", "stability_mean", ...}}}``;
+    the interval is :func:`covidmt_jax.metrics.clustered_mean_ci` over the films with patients
+    as clusters (NaN with fewer than 2 patients). Dice figures are absent from a group whose
+    convention no segmenter was given.
     """
     from covidmt_jax.channels import get_channel
     from covidmt_jax.data.images import load_grey, load_mask
     from covidmt_jax.data.splits import set_folders
     from covidmt_jax.lung_qc import mask_qc
-    from covidmt_jax.metrics import dice
+    from covidmt_jax.metrics import clustered_mean_ci, dice
     folders = set_folders(data_root)
     ch = get_channel(channel) if channel else None
     if resize is not None:
@@ -438,7 +441,8 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
             meta, ref = rec["meta"], refs[k]
             own = meta["convention"]
             pk = {c: probs[c][k] for c in probs}
-            row = {"id": rec["id"], "source": name, "convention": own, "tags": film_tags(meta),
+            row = {"id": rec["id"], "source": name, "patient": str(meta["patient_id"]),
+                   "convention": own, "tags": film_tags(meta),
                    "ref_frac": float(ref.mean()),
                    "dice": float(dice(pk[own][None] >= 0.5, ref[None])[0]) if own in pk else float("nan")}
             for c, p in pk.items():
@@ -453,8 +457,13 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
     for tag in sorted({t for r in rows for t in r["tags"]}):
         rs = [r for r in rows if tag in r["tags"]]
         d = np.array([r["dice"] for r in rs])
-        g = {"n": len(rs), "dice_mean": float(np.nanmean(d)), "dice_median": float(np.nanmedian(d)),
-             "dice_min": float(np.nanmin(d))}
+        scored = ~np.isnan(d)
+        g = {"n": len(rs), "patients": len({r["patient"] for r in rs})}
+        if scored.any():
+            # the films of one patient are not independent: the interval is cluster-robust
+            mean, lo, hi = clustered_mean_ci(d[scored], [r["patient"] for r, ok in zip(rs, scored) if ok])
+            g.update(dice_mean=mean, dice_ci95_lo=lo, dice_ci95_hi=hi,
+                     dice_median=float(np.median(d[scored])), dice_min=float(np.min(d[scored])))
         for c in segmenters:
             if f"stability_{c}" in rs[0]:
                 g[f"stability_{c}_mean"] = float(np.mean([r[f"stability_{c}"] for r in rs]))

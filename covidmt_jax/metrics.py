@@ -9,7 +9,9 @@ All functions are pure. Conventions:
   an exact Clopper-Pearson interval (:func:`binomial_ci`, which says why), ROC-AUC gets
   DeLong's (:func:`roc_auc_ci`), and paired comparisons get Newcombe's hybrid score interval
   for the difference with McNemar's exact test (:func:`paired_comparison`,
-  :func:`roc_auc_compare` for two AUCs). Nothing resamples: results are deterministic.
+  :func:`roc_auc_compare` for two AUCs). Means of per-item scores (e.g. Dice per film) get a
+  cluster-robust t-interval (:func:`clustered_mean_ci`; clusters = patients). Nothing
+  resamples: results are deterministic.
 - Functions that run inside a jitted step (``heatmap_region``, ``iol``, ``dice``,
   ``soft_dice_loss``) are array-namespace generic: numpy in -> numpy out, jax arrays (and
   tracers under ``jax.jit``) in -> jax arrays out. They never branch on array *values*, only on
@@ -444,6 +446,37 @@ def percent_ci(k: int, n: int, alpha: float = 0.05,
     """(100 k / n, lo, hi): a rate in percent with its :func:`binomial_ci`; all NaN when n = 0."""
     lo, hi = binomial_ci(k, n, alpha, method)
     return 100.0 * _nan_ratio(k, n), 100.0 * lo, 100.0 * hi
+
+
+def clustered_mean_ci(values, clusters=None, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean of per-item ``values [N]`` with a ``1 - alpha`` interval that allows for clusters.
+
+    ``clusters [N]`` (any hashable labels, e.g. patient ids) marks items that are not
+    independent (several films of one patient). The interval is the cluster-robust t-interval
+    of the item mean: ``se^2 = G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2 / N^2`` with
+    ``G - 1`` degrees of freedom for ``G`` clusters. With one item per cluster (or
+    ``clusters=None``) this is exactly the ordinary t-interval ``mean ± t * s / sqrt(N)``.
+    Returns ``(mean, lo, hi)``; ``lo = hi = NaN`` when there are fewer than 2 clusters.
+    """
+    fn = "clustered_mean_ci"
+    alpha = _check_alpha(alpha, fn)
+    x = _vector(values, fn, "values").astype(np.float64)
+    n = len(x)
+    if clusters is None:
+        labels = np.arange(n)
+    else:
+        labels = np.asarray(clusters)
+        if labels.ndim != 1 or len(labels) != n:
+            raise ValueError(f"{fn}: clusters must be a 1-D array of the values' length {n}, got shape {labels.shape}")
+    _, idx = np.unique(labels, return_inverse=True)
+    g = int(idx.max()) + 1
+    mean = float(x.mean())
+    if g < 2:
+        return mean, math.nan, math.nan
+    sums = np.bincount(idx, weights=x - mean, minlength=g)
+    se = math.sqrt(g / (g - 1) * float(np.sum(sums ** 2))) / n
+    half = float(scipy_stats.t.ppf(1 - alpha / 2, g - 1)) * se
+    return mean, mean - half, mean + half
 
 
 def pi_score_ci(prob_orig, prob_trans, threshold: float = 0.5, *, alpha: float = 0.05,

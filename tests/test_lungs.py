@@ -290,3 +290,30 @@ def test_lung_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
     ck = TrainCheckpointer(tmp_path)
     assert ck.latest_step() is None
     ck.close()
+
+
+@pytest.mark.skipif(not _SHIPPED_BOTH, reason="the two shipped segmenters are not in this checkout")
+def test_evaluate_reports_dice_with_a_patient_clustered_interval(shared_data):
+    """``lung_training.evaluate`` on the 10 validation COVID films (6 patients) of
+    ``quex_covid_fields``: per-film Dice against the reference, group mean with the
+    cluster-robust interval over patients; a convention without a segmenter gets no Dice."""
+    from covidmt_jax.lung_training import evaluate
+    from covidmt_jax.metrics import clustered_mean_ci
+    if not (shared_data / "lungs_diseased" / "quex_covid_fields").is_dir():
+        pytest.skip("lungs_diseased sets absent")
+    res = evaluate({"fields": lung_segmenter("fields")}, shared_data, split="val", channel=None,
+                   sets=("quex_covid_fields",))
+    rows, g = res["rows"], res["groups"]["quex_covid_fields"]
+    assert g["n"] == len(rows) >= 3 and 2 <= g["patients"] < g["n"]  # several films per patient
+    dice = np.array([r["dice"] for r in rows])
+    assert np.all((dice > 0.5) & (dice <= 1.0))
+    mean, lo, hi = clustered_mean_ci(dice, [r["patient"] for r in rows])
+    assert g["dice_mean"] == pytest.approx(dice.mean()) == pytest.approx(mean)
+    assert (g["dice_ci95_lo"], g["dice_ci95_hi"]) == pytest.approx((lo, hi))
+    assert lo < mean < hi and g["dice_min"] == pytest.approx(dice.min())
+    # an anatomical-convention set scored by the fields segmenter alone: no own-convention Dice
+    res = evaluate({"fields": lung_segmenter("fields")}, shared_data, split="val", channel=None,
+                   sets=("v7_covid_anatomical",))
+    g = res["groups"]["v7_covid_anatomical"]
+    assert "dice_mean" not in g and g["n"] >= 3
+    assert all(0.0 <= r["dice_fields_vs_ref"] <= 1.0 for r in res["rows"])

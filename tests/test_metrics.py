@@ -615,3 +615,44 @@ def test_soft_dice_loss():
     assert float(M.soft_dice_loss(half, t, from_logits=False)[0]) == pytest.approx(1 - 9 / 17)
     g = jax.grad(lambda x: M.soft_dice_loss(x, jnp.asarray(t)).mean())(jnp.zeros_like(t))
     assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0
+
+
+def test_clustered_mean_ci_with_one_item_per_cluster_is_the_t_interval():
+    """Singleton clusters (or none given): scipy's ordinary t-interval of the mean."""
+    from scipy import stats
+    x = np.random.default_rng(1).normal(0.9, 0.05, size=17)
+    want = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    for clusters in (None, [f"p{i}" for i in range(17)]):
+        mean, lo, hi = M.clustered_mean_ci(x, clusters)
+        assert mean == pytest.approx(x.mean()) and (lo, hi) == pytest.approx(want, rel=1e-12)
+    lo90 = M.clustered_mean_ci(x, alpha=0.1)[1]
+    assert lo < lo90 < x.mean()
+
+
+def test_clustered_mean_ci_keeps_coverage_where_the_naive_interval_does_not():
+    """12 patients with 1-6 films each, a strong patient effect: over 1,000 simulated studies
+    the cluster-robust 95 % interval covers the true mean (0) about 94 % of the time, the
+    interval that treats films as independent only about 65 %."""
+    rng = np.random.default_rng(0)
+    covered = {"clustered": 0, "naive": 0}
+    reps = 1000
+    for _ in range(reps):
+        sizes = rng.integers(1, 7, size=12)
+        x = np.concatenate([e + rng.normal(0, 0.3, s) for e, s in zip(rng.normal(0, 1, 12), sizes)])
+        patients = np.repeat(np.arange(12), sizes)
+        for kind, cl in (("clustered", patients), ("naive", None)):
+            _, lo, hi = M.clustered_mean_ci(x, cl)
+            covered[kind] += lo <= 0 <= hi
+    assert covered["clustered"] / reps >= 0.92
+    assert covered["naive"] / reps < 0.8
+
+
+def test_clustered_mean_ci_edge_cases_and_bad_input():
+    mean, lo, hi = M.clustered_mean_ci([0.8, 0.9, 1.0], ["a", "a", "a"])  # one patient: no interval
+    assert mean == pytest.approx(0.9) and math.isnan(lo) and math.isnan(hi)
+    with pytest.raises(ValueError, match="clustered_mean_ci: clusters must be a 1-D array of the values' length 3"):
+        M.clustered_mean_ci([0.8, 0.9, 1.0], ["a", "b"])
+    with pytest.raises(ValueError, match="clustered_mean_ci: values contains 1 NaN"):
+        M.clustered_mean_ci([0.8, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="clustered_mean_ci: alpha"):
+        M.clustered_mean_ci([0.8, 0.9], alpha=1.5)
