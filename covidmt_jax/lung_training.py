@@ -461,7 +461,7 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
         g = {"n": len(rs), "patients": len({r["patient"] for r in rs})}
         if scored.any():
             # the films of one patient are not independent: the interval is cluster-robust
-            mean, lo, hi = clustered_mean_ci(d[scored], [r["patient"] for r, ok in zip(rs, scored) if ok])
+            mean, lo, hi = clustered_mean_ci(d[scored], np.array([r["patient"] for r in rs])[scored])
             g.update(dice_mean=mean, dice_ci95_lo=lo, dice_ci95_hi=hi,
                      dice_median=float(np.median(d[scored])), dice_min=float(np.min(d[scored])))
         for c in segmenters:

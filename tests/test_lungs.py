@@ -308,7 +308,7 @@ def test_evaluate_reports_dice_with_a_patient_clustered_interval(shared_data):
     dice = np.array([r["dice"] for r in rows])
     assert np.all((dice > 0.5) & (dice <= 1.0))
     mean, lo, hi = clustered_mean_ci(dice, [r["patient"] for r in rows])
-    assert g["dice_mean"] == pytest.approx(dice.mean()) == pytest.approx(mean)
+    assert g["dice_mean"] == pytest.approx(dice.mean()) and mean == pytest.approx(dice.mean())
     assert (g["dice_ci95_lo"], g["dice_ci95_hi"]) == pytest.approx((lo, hi))
     assert lo < mean < hi and g["dice_min"] == pytest.approx(dice.min())
     # an anatomical-convention set scored by the fields segmenter alone: no own-convention Dice
