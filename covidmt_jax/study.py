@@ -498,6 +498,88 @@ def summarize_condition(rows: Mapping[str, np.ndarray], arms: Sequence[str], cfg
     return out
 
 
+#: per-arm figures pooled over seeds by :func:`across_seeds` (PI, OLS, rates in %)
+ACROSS_SEED_ARM_METRICS = ("auc_orig", "auc_trans", "sens_orig", "spec_orig", "pi", "ols_gt_orig",
+                           "ols_gt_trans", "ols_unet_trans")
+#: paired differences between arms pooled over seeds by :func:`across_seeds`
+ACROSS_SEED_DIFF_METRICS = ("pi", "ols_gt_trans", "ols_unet_trans", "auc_trans")
+ACROSS_SEED_LABELS = {"auc_orig": "AUC orig", "auc_trans": "AUC trans", "sens_orig": "sens orig",
+                      "spec_orig": "spec orig", "pi": "PI", "ols_gt_orig": "OLS GT orig",
+                      "ols_gt_trans": "OLS GT trans", "ols_unet_trans": "OLS U-Net trans"}
+
+
+def _arm_figures(cond: Mapping[str, Any], arm: str) -> dict[str, float]:
+    """The :data:`ACROSS_SEED_ARM_METRICS` of one arm in one seed's condition summary."""
+    nan = float("nan")
+    m, u = cond["truth"]["models"][arm], cond["unet"]["models"][arm]
+    c = m.get("classification") or {}
+    def cls(side: str, key: str, scale: float = 1.0) -> float:
+        v = c.get(side, {}).get(key, nan)
+        return nan if v is None else scale * float(v)
+    def ols(s: Mapping, side: str) -> float:
+        v = s.get("ols", {}).get(side, {}).get("score", nan)
+        return nan if v is None else float(v)
+    return {"auc_orig": cls("original", "roc_auc"), "auc_trans": cls("transmitted", "roc_auc"),
+            "sens_orig": cls("original", "sensitivity", 100.0), "spec_orig": cls("original", "specificity", 100.0),
+            "pi": float(m.get("pi", {}).get("score", nan)), "ols_gt_orig": ols(m, "original"),
+            "ols_gt_trans": ols(m, "transmitted"), "ols_unet_trans": ols(u, "transmitted")}
+
+
+def _pair_figures(cond: Mapping[str, Any], a: str, b: str) -> dict[str, tuple[float, float]]:
+    """``{metric: (difference a - b, p-value)}`` of :data:`ACROSS_SEED_DIFF_METRICS` in one seed."""
+    nan = float("nan")
+    def find(summary: Mapping) -> Mapping:
+        return next((c for c in summary["comparisons"] if list(c["models"]) == [a, b]), {})
+    t, u = find(cond["truth"]), find(cond["unet"])
+    def get(d: Mapping) -> tuple[float, float]:
+        diff, p = d.get("diff", nan), d.get("p_value", nan)
+        return (nan if diff is None else float(diff), nan if p is None else float(p))
+    return {"pi": get(t.get("pi", {})), "ols_gt_trans": get(t.get("ols", {}).get("transmitted", {})),
+            "ols_unet_trans": get(u.get("ols", {}).get("transmitted", {})),
+            "auc_trans": get(t.get("roc_auc", {}).get("transmitted", {}))}
+
+
+def across_seeds(study: Mapping[str, Any], arms: Sequence[str], condition: str,
+                 alpha: float = 0.05) -> dict[str, Any]:
+    """The per-seed summaries of one condition pooled over the seeds that have it.
+
+    ``study["scores"][seed][condition]`` holds :func:`summarize_condition`'s output per seed.
+    Returns ``{"seeds", "arms": {arm: {metric: {"per_seed", "mean", "sd"}}}, "comparisons":
+    [{"models": [a, b], metric: {"per_seed", "p_values", "mean", "lo", "hi", "n_p_below_05"}}]}``:
+    per arm the mean and sample sd of :data:`ACROSS_SEED_ARM_METRICS`; per pair of arms (in
+    the order given) the per-seed paired differences of :data:`ACROSS_SEED_DIFF_METRICS`, their
+    mean with a ``1 - alpha`` t-interval over the seeds (NaN with fewer than two seeds) and
+    how many seeds had a paired-test p below 0.05. NaN seeds (e.g. no OLS when every map is
+    empty) are left out of the mean.
+    """
+    seeds = [s for s in study["seeds"] if condition in study["scores"].get(str(s), {})]
+    conds = [study["scores"][str(s)][condition] for s in seeds]
+    def pooled(vals: list[float]) -> dict[str, Any]:
+        x = np.asarray(vals, np.float64)
+        x = x[np.isfinite(x)]
+        mean = float(x.mean()) if len(x) else float("nan")
+        sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+        return {"per_seed": [float(v) for v in vals], "mean": mean, "sd": sd}
+    out: dict[str, Any] = {"seeds": list(seeds), "arms": {}, "comparisons": []}
+    for a in arms:
+        figs = [_arm_figures(c, a) for c in conds]
+        out["arms"][a] = {k: pooled([f[k] for f in figs]) for k in ACROSS_SEED_ARM_METRICS}
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            figs = [_pair_figures(c, a, b) for c in conds]
+            cmp: dict[str, Any] = {"models": [a, b]}
+            for k in ACROSS_SEED_DIFF_METRICS:
+                diffs = np.asarray([f[k][0] for f in figs], np.float64)
+                ps = [f[k][1] for f in figs]
+                ok = diffs[np.isfinite(diffs)]
+                mean, lo, hi = (metrics.clustered_mean_ci(ok, alpha=alpha) if len(ok)
+                                else (float("nan"),) * 3)
+                cmp[k] = {"per_seed": diffs.tolist(), "p_values": ps, "mean": mean, "lo": lo, "hi": hi,
+                          "n_p_below_05": int(sum(1 for p in ps if np.isfinite(p) and p < 0.05))}
+            out["comparisons"].append(cmp)
+    return out
+
+
 def _ci(d: Mapping | None, key: str = "score", scale: float = 1.0) -> str:
     if not d or key not in d or not np.isfinite(d[key]):
         return "–"
@@ -610,21 +692,40 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
         body = [[k, f"{pr[k]['roc_auc']:.3f} [{pr[k]['roc_auc_ci'][0]:.3f}, {pr[k]['roc_auc_ci'][1]:.3f}]",
                  f"{100 * pr[k]['balanced_accuracy']:.1f}"] for k in ("outside", "inside")]
         L += _table(["pixels kept", "test ROC-AUC [DeLong 95 %]", "balanced accuracy %"], body)
-    if len(study["seeds"]) > 1:
-        L += ["## Across seeds (mean ± sd of the per-seed figures)", ""]
-        body = []
-        for a in arms:
-            vals = {"PI": [], "OLS GT trans": [], "AUC trans": []}
-            for seed in study["seeds"]:
-                s = study["scores"].get(str(seed), {}).get(main)
-                if not s:
-                    continue
-                m = s["truth"]["models"][a]
-                vals["PI"].append(m["pi"]["score"])
-                vals["OLS GT trans"].append(m["ols"]["transmitted"]["score"])
-                vals["AUC trans"].append(m.get("classification", {}).get("transmitted", {}).get("roc_auc", np.nan))
-            body.append([a] + [f"{np.mean(v):.3g} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.2g}" for v in vals.values()])
-        L += _table(["arm", "PI", "OLS GT trans", "AUC trans"], body)
+    acr = study.get("across_seeds", {}).get(main)
+    if acr and len(acr["seeds"]) > 1:
+        n = len(acr["seeds"])
+        L += [f"## Across seeds ({main}; seeds {acr['seeds']})", "",
+              f"Per arm: mean ± sd of the {n} per-seed figures. Paired differences: per-seed values and "
+              f"their mean with a t 95 % interval over the seeds ({n - 1} degrees of freedom); the seed is "
+              "the unit of replication, so the interval covers training variation on these test films, "
+              "not the sampling of test films (the per-seed intervals above cover that).", ""]
+        def fin(x: Any) -> bool:  # None: a NaN after a round trip through study.json
+            return x is not None and bool(np.isfinite(x))
+        def msd(v: Mapping) -> str:
+            if not fin(v["mean"]):
+                return "–"
+            return f"{v['mean']:.3g} ± {v['sd']:.2g}" if fin(v["sd"]) else f"{v['mean']:.3g}"
+        L += _table(["arm"] + [ACROSS_SEED_LABELS[k] for k in ACROSS_SEED_ARM_METRICS],
+                    [[a] + [msd(acr["arms"][a][k]) for k in ACROSS_SEED_ARM_METRICS] for a in arms])
+        def diff(v: Mapping) -> str:
+            vals = ", ".join("–" if not fin(x) else f"{x:+.3g}" for x in v["per_seed"])
+            ci = "" if not fin(v["lo"]) else f" [{v['lo']:+.3g}, {v['hi']:+.3g}]"
+            return "–" if not fin(v["mean"]) else f"{v['mean']:+.3g}{ci} ({vals}; p < 0.05 in {v['n_p_below_05']})"
+        L += _table(["arms (first minus second)"]
+                    + [f"{ACROSS_SEED_LABELS[k]} diff" for k in ACROSS_SEED_DIFF_METRICS],
+                    [[f"{c['models'][0]} vs {c['models'][1]}"] + [diff(c[k]) for k in ACROSS_SEED_DIFF_METRICS]
+                     for c in acr["comparisons"]])
+        sweep = {q: v for q, v in study.get("across_seeds", {}).items() if q != main and len(v["seeds"]) > 1}
+        if sweep:
+            L += ["JPEG-quality sweep over the seeds (mean PI / mean OLS GT on the transmitted side / "
+                  "mean AUC transmitted):", ""]
+            def mean(v: Mapping, a: str, k: str, digits: int) -> str:
+                x = v["arms"][a][k]["mean"]
+                return f"{x:.{digits}f}" if fin(x) else "–"
+            L += _table(["arm"] + list(sweep), [[a] + [
+                f"{mean(v, a, 'pi', 2)} / {mean(v, a, 'ols_gt_trans', 1)} / {mean(v, a, 'auc_trans', 3)}"
+                for v in sweep.values()] for a in arms])
     path = workdir / "report.md"
     path.write_text("\n".join(L))
     return path
@@ -686,6 +787,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         study["train"][str(seed)] = {
             arm: json.loads((workdir / "arms" / arm / f"seed{seed}" / "summary.json").read_text()).get("wall_s")
             for arm in cfg.arms}
+    study["across_seeds"] = {cond: across_seeds(study, list(cfg.arms), cond) for cond in conditions(cfg)}
     rows0 = read_rows(workdir / "scores" / f"seed{cfg.seeds[0]}" / cfg.score.channel / f"rows_{cfg.arms[0]}.csv")
     study["n_test_covid"] = int((rows0["label"] == 1).sum())
     probe_path = workdir / "probe.json"

@@ -228,3 +228,70 @@ def test_resume_refuses_other_settings(tmp_path):
     cfg.score.qualities = (50,)
     with pytest.raises(ConfigError, match="score.qualities"):
         study.check_resume(cfg, tmp_path)
+
+
+def _synthetic_rows(arms, seed, n=40):
+    """Scored rows of ``arms`` on the same ``n`` films, as ``score_seed`` writes them."""
+    rng = np.random.default_rng(seed)
+    label = np.arange(n) % 2
+    cols = {c: [] for c in study.ROW_COLUMNS}
+    for k, arm in enumerate(arms):
+        p_orig = np.clip(0.5 + 0.3 * (label - 0.5) + rng.normal(0, 0.2, n), 0.01, 0.99)
+        p_trans = np.clip(p_orig + rng.normal(0, 0.1, n), 0.01, 0.99)
+        iol_o = rng.uniform(0, 1, n) ** (1 + k)  # later arms: lower IOL, more out-of-lung maps
+        iol_t = np.clip(iol_o + rng.normal(0, 0.05, n), 0, 1)
+        iol_t[seed % n] = np.nan  # an empty heat map: left out of OLS
+        vals = {"model": [arm] * n, "pair_id": [f"f{i}" for i in range(n)], "error": [""] * n,
+                "label": label, "source": ["s"] * n, "convention": ["fields"] * n, "prob_orig": p_orig,
+                "prob_trans": p_trans, "iol_orig": iol_o, "iol_trans": iol_t, "iol_unet_orig": iol_o,
+                "iol_unet_trans": np.clip(iol_t + 0.1, 0, 1), "lung_frac_orig": np.full(n, 0.3),
+                "lung_frac_trans": np.full(n, 0.3), "unet_lung_frac_orig": np.full(n, 0.25),
+                "unet_lung_frac_trans": np.full(n, 0.25), "cam_border_orig": np.full(n, 0.2),
+                "cam_border_trans": np.full(n, 0.2), "cam_outside_orig": 1 - iol_o, "cam_outside_trans": 1 - iol_t}
+        for c in study.ROW_COLUMNS:
+            cols[c] += list(vals[c])
+    return {c: np.array(v, dtype=object) if c in study._TEXT else np.array(v, np.float64) for c, v in cols.items()}
+
+
+def test_across_seeds_pools_per_seed_figures_and_paired_differences(tmp_path):
+    from scipy import stats as scipy_stats
+    cfg = study.base_config()
+    arms = ["baseline", "multitask"]
+    seeds = [0, 1, 2]
+    rows = {s: _synthetic_rows(arms, s) for s in seeds}
+    st = {"arms": arms, "seeds": seeds, "n_test": 40, "n_test_covid": 20,
+          "scores": {str(s): {"whatsapp": study.summarize_condition(rows[s], arms, cfg)} for s in seeds}}
+    acr = study.across_seeds(st, arms, "whatsapp")
+    assert acr["seeds"] == seeds
+
+    def ols_by_hand(r, arm):  # % of films with IOL < eta after the channel, empty maps left out
+        iol = r["iol_trans"][r["model"] == arm]
+        iol = iol[np.isfinite(iol)]
+        return 100.0 * np.mean(iol < cfg.score.eta)
+
+    per_arm = {a: [ols_by_hand(rows[s], a) for s in seeds] for a in arms}
+    for a in arms:
+        got = acr["arms"][a]["ols_gt_trans"]
+        assert got["per_seed"] == pytest.approx(per_arm[a])
+        assert got["mean"] == pytest.approx(np.mean(per_arm[a]))
+        assert got["sd"] == pytest.approx(np.std(per_arm[a], ddof=1))
+    d = np.subtract(per_arm["baseline"], per_arm["multitask"])
+    cmp = acr["comparisons"][0]
+    assert cmp["models"] == arms
+    assert cmp["ols_gt_trans"]["per_seed"] == pytest.approx(d)
+    lo, hi = scipy_stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    assert (cmp["ols_gt_trans"]["lo"], cmp["ols_gt_trans"]["hi"]) == pytest.approx((lo, hi))
+    assert d.mean() < 0  # the multitask rows were built with lower IOL: higher OLS
+    ps = [st["scores"][str(s)]["whatsapp"]["truth"]["comparisons"][0]["ols"]["transmitted"]["p_value"] for s in seeds]
+    assert cmp["ols_gt_trans"]["n_p_below_05"] == sum(p < 0.05 for p in ps)
+    # the report shows the pooled tables only with two or more seeds
+    st["across_seeds"] = {"whatsapp": acr}
+    report = study.write_report(cfg, tmp_path, st).read_text()
+    assert "## Across seeds (whatsapp; seeds [0, 1, 2])" in report
+    row = next(line for line in report.splitlines() if line.startswith("| baseline vs multitask | ")
+               and "p < 0.05 in" in line)  # the pooled table, not the per-seed one
+    assert f"| {d.mean():+.3g} [{lo:+.3g}, {hi:+.3g}] (" in row  # the OLS GT column, after PI
+    one = dict(st, seeds=[0], scores={"0": st["scores"]["0"]})
+    one["across_seeds"] = {"whatsapp": study.across_seeds(one, arms, "whatsapp")}
+    assert np.isnan(one["across_seeds"]["whatsapp"]["comparisons"][0]["ols_gt_trans"]["lo"])  # one seed: no interval
+    assert "## Across seeds" not in study.write_report(cfg, tmp_path, one).read_text()
