@@ -85,9 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.backbone = "resnet18"
     c.transition_channels = (64,)
     c.fpn_channels = 64
-    c.image_size = 256
-    c.steps = 1500
-    c.eval_every_steps = 500
+    c.image_size = 128              # 256 (4x the pixels) with size=256: see docs/study_real.md, "Cost"
+    c.steps = 600
+    c.eval_every_steps = 200
     c.per_task_batch = 8
     c.eval_batch_size = 32
     c.num_workers = 0
@@ -482,7 +482,7 @@ def summarize_condition(rows: Mapping[str, np.ndarray], arms: Sequence[str], cfg
     kw = dict(eta=float(cfg.score.eta), thresholds={a: float(cfg.score.threshold) for a in arms})
     fields = np.asarray(rows["convention"], dtype=object) == "fields"
     out = {"truth": summarize(rows, arms, **kw), "truth_fields": summarize(_select(rows, fields), arms, **kw),
-           "unet": summarize(_unet_rows(rows), arms, **kw), "shortcut": {}}
+           "unet": summarize(_unet_rows(rows), arms, **kw), "shortcut": {}, "prob_change": {}}
     model = np.asarray(rows["model"], dtype=object)
     label = np.asarray(rows["label"])
     def mean(x: np.ndarray) -> float:  # NaN (all-zero CAMs) left out; NaN when nothing is left
@@ -495,16 +495,23 @@ def summarize_condition(rows: Mapping[str, np.ndarray], arms: Sequence[str], cfg
             f"{k}_{side}_{cls}": mean(np.asarray(rows[f"{k}_{side}"])[sel & (label == v)])
             for k in ("cam_border", "cam_outside") for side in ("orig", "trans")
             for cls, v in (("covid", 1), ("noncovid", 0))}
+        # how far the channel moves the COVID probability: PI counts only threshold crossings
+        dp = np.abs(np.asarray(rows["prob_trans"]) - np.asarray(rows["prob_orig"]))[sel]
+        dp = dp[np.isfinite(dp)]
+        out["prob_change"][a] = {"mean_abs": float(dp.mean()) if len(dp) else float("nan"),
+                                 "p95_abs": float(np.quantile(dp, 0.95)) if len(dp) else float("nan"),
+                                 "max_abs": float(dp.max()) if len(dp) else float("nan")}
     return out
 
 
 #: per-arm figures pooled over seeds by :func:`across_seeds` (PI, OLS, rates in %)
-ACROSS_SEED_ARM_METRICS = ("auc_orig", "auc_trans", "sens_orig", "spec_orig", "pi", "ols_gt_orig",
-                           "ols_gt_trans", "ols_unet_trans")
+ACROSS_SEED_ARM_METRICS = ("auc_orig", "auc_trans", "sens_orig", "spec_orig", "pi", "dprob_mean",
+                           "ols_gt_orig", "ols_gt_trans", "ols_unet_trans")
 #: paired differences between arms pooled over seeds by :func:`across_seeds`
 ACROSS_SEED_DIFF_METRICS = ("pi", "ols_gt_trans", "ols_unet_trans", "auc_trans")
 ACROSS_SEED_LABELS = {"auc_orig": "AUC orig", "auc_trans": "AUC trans", "sens_orig": "sens orig",
-                      "spec_orig": "spec orig", "pi": "PI", "ols_gt_orig": "OLS GT orig",
+                      "spec_orig": "spec orig", "pi": "PI", "dprob_mean": "mean abs Δp",
+                      "ols_gt_orig": "OLS GT orig",
                       "ols_gt_trans": "OLS GT trans", "ols_unet_trans": "OLS U-Net trans"}
 
 
@@ -521,7 +528,9 @@ def _arm_figures(cond: Mapping[str, Any], arm: str) -> dict[str, float]:
         return nan if v is None else float(v)
     return {"auc_orig": cls("original", "roc_auc"), "auc_trans": cls("transmitted", "roc_auc"),
             "sens_orig": cls("original", "sensitivity", 100.0), "spec_orig": cls("original", "specificity", 100.0),
-            "pi": float(m.get("pi", {}).get("score", nan)), "ols_gt_orig": ols(m, "original"),
+            "pi": float(m.get("pi", {}).get("score", nan)),
+            "dprob_mean": float(cond.get("prob_change", {}).get(arm, {}).get("mean_abs", nan)),
+            "ols_gt_orig": ols(m, "original"),
             "ols_gt_trans": ols(m, "transmitted"), "ols_unet_trans": ols(u, "transmitted")}
 
 
@@ -605,6 +614,12 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
            ["| " + " | ".join(r) + " |" for r in body] + [""]
 
 
+def _dprob(d: Mapping | None) -> str:
+    if not d or d.get("mean_abs") is None or not np.isfinite(d["mean_abs"]):
+        return "–"
+    return f"{d['mean_abs']:.4f} / {d['p95_abs']:.4f} / {d['max_abs']:.4f}"
+
+
 def _ols(s: Mapping, side: str) -> str:
     o = s.get("ols", {}).get(side)
     if not o:
@@ -621,7 +636,9 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
           f"per task, seeds {list(study['seeds'])}, arms {arms}. Test films: "
           f"{study['n_test']} ({study['n_test_covid']} COVID-19), patient-disjoint from every training "
           f"and validation film (splits.json). Intervals: 95 % Clopper-Pearson (rates), DeLong (ROC-AUC); "
-          f"paired tests: exact McNemar (PI, OLS), DeLong (AUC). PI/OLS/rates in %.", ""]
+          f"paired tests: exact McNemar (PI, OLS), DeLong (AUC). PI/OLS/rates in %. abs Δp: how far the "
+          f"channel moves the COVID probability of a film (|p transmitted - p original|; PI counts only "
+          f"the moves that cross the threshold).", ""]
     if study.get("reduced"):
         L += [f"**Reduced run**: {study['reduced']}", ""]
     for seed in study["seeds"]:
@@ -637,9 +654,10 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
             body.append([a, _auc(c["original"]) if c else "–", _auc(c["transmitted"]) if c else "–",
                          _rate(c["original"], "sensitivity") if c else "–",
                          _rate(c["original"], "specificity") if c else "–",
-                         _ci(m.get("pi")), _ols(m, "original"), _ols(m, "transmitted"),
+                         _ci(m.get("pi")), _dprob(s.get("prob_change", {}).get(a)),
+                         _ols(m, "original"), _ols(m, "transmitted"),
                          _ols(f, "transmitted"), _ols(u, "original"), _ols(u, "transmitted")])
-        L += _table(["arm", "AUC orig", f"AUC {main}", "sens orig", "spec orig", "PI",
+        L += _table(["arm", "AUC orig", f"AUC {main}", "sens orig", "spec orig", "PI", "abs Δp mean / p95 / max",
                      "OLS GT orig", "OLS GT trans", "OLS GT trans (fields masks)", "OLS U-Net orig",
                      "OLS U-Net trans"], body)
         L += ["### Paired comparisons (first arm minus second)", ""]

@@ -275,6 +275,9 @@ def test_across_seeds_pools_per_seed_figures_and_paired_differences(tmp_path):
         assert got["per_seed"] == pytest.approx(per_arm[a])
         assert got["mean"] == pytest.approx(np.mean(per_arm[a]))
         assert got["sd"] == pytest.approx(np.std(per_arm[a], ddof=1))
+    for a in arms:  # the channel's move of the COVID probability, PI's threshold-free companion
+        dp = [np.mean(np.abs(rows[s]["prob_trans"] - rows[s]["prob_orig"])[rows[s]["model"] == a]) for s in seeds]
+        assert acr["arms"][a]["dprob_mean"]["per_seed"] == pytest.approx(dp)
     d = np.subtract(per_arm["baseline"], per_arm["multitask"])
     cmp = acr["comparisons"][0]
     assert cmp["models"] == arms
