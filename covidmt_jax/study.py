@@ -554,11 +554,13 @@ def across_seeds(study: Mapping[str, Any], arms: Sequence[str], condition: str,
 
     ``study["scores"][seed][condition]`` holds :func:`summarize_condition`'s output per seed.
     Returns ``{"seeds", "arms": {arm: {metric: {"per_seed", "mean", "sd"}}}, "comparisons":
-    [{"models": [a, b], metric: {"per_seed", "p_values", "mean", "lo", "hi", "n_p_below_05"}}]}``:
+    [{"models": [a, b], metric: {"per_seed", "p_values", "mean", "lo", "hi", "n_p_below_05_up",
+    "n_p_below_05_down"}}]}``:
     per arm the mean and sample sd of :data:`ACROSS_SEED_ARM_METRICS`; per pair of arms (in
     the order given) the per-seed paired differences of :data:`ACROSS_SEED_DIFF_METRICS`, their
     mean with a ``1 - alpha`` t-interval over the seeds (NaN with fewer than two seeds) and
-    how many seeds had a paired-test p below 0.05. NaN seeds (e.g. no OLS when every map is
+    how many seeds had a paired-test p below 0.05 with a positive (``n_p_below_05_up``) and a
+    negative (``n_p_below_05_down``) difference. NaN seeds (e.g. no OLS when every map is
     empty) are left out of the mean.
     """
     seeds = [s for s in study["seeds"] if condition in study["scores"].get(str(s), {})]
@@ -583,8 +585,10 @@ def across_seeds(study: Mapping[str, Any], arms: Sequence[str], condition: str,
                 ok = diffs[np.isfinite(diffs)]
                 mean, lo, hi = (metrics.clustered_mean_ci(ok, alpha=alpha) if len(ok)
                                 else (float("nan"),) * 3)
+                sig = [d for d, p in zip(diffs, ps) if np.isfinite(p) and p < 0.05]
                 cmp[k] = {"per_seed": diffs.tolist(), "p_values": ps, "mean": mean, "lo": lo, "hi": hi,
-                          "n_p_below_05": int(sum(1 for p in ps if np.isfinite(p) and p < 0.05))}
+                          "n_p_below_05_up": int(sum(d > 0 for d in sig)),
+                          "n_p_below_05_down": int(sum(d < 0 for d in sig))}
             out["comparisons"].append(cmp)
     return out
 
@@ -729,7 +733,10 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
         def diff(v: Mapping) -> str:
             vals = ", ".join("–" if not fin(x) else f"{x:+.3g}" for x in v["per_seed"])
             ci = "" if not fin(v["lo"]) else f" [{v['lo']:+.3g}, {v['hi']:+.3g}]"
-            return "–" if not fin(v["mean"]) else f"{v['mean']:+.3g}{ci} ({vals}; p < 0.05 in {v['n_p_below_05']})"
+            if not fin(v["mean"]):
+                return "–"
+            return (f"{v['mean']:+.3g}{ci} ({vals}; p < 0.05: {v['n_p_below_05_up']} up, "
+                    f"{v['n_p_below_05_down']} down)")
         L += _table(["arms (first minus second)"]
                     + [f"{ACROSS_SEED_LABELS[k]} diff" for k in ACROSS_SEED_DIFF_METRICS],
                     [[f"{c['models'][0]} vs {c['models'][1]}"] + [diff(c[k]) for k in ACROSS_SEED_DIFF_METRICS]

@@ -286,13 +286,14 @@ def test_across_seeds_pools_per_seed_figures_and_paired_differences(tmp_path):
     assert (cmp["ols_gt_trans"]["lo"], cmp["ols_gt_trans"]["hi"]) == pytest.approx((lo, hi))
     assert d.mean() < 0  # the multitask rows were built with lower IOL: higher OLS
     ps = [st["scores"][str(s)]["whatsapp"]["truth"]["comparisons"][0]["ols"]["transmitted"]["p_value"] for s in seeds]
-    assert cmp["ols_gt_trans"]["n_p_below_05"] == sum(p < 0.05 for p in ps)
+    assert cmp["ols_gt_trans"]["n_p_below_05_down"] == sum(p < 0.05 and x < 0 for p, x in zip(ps, d))
+    assert cmp["ols_gt_trans"]["n_p_below_05_up"] == sum(p < 0.05 and x > 0 for p, x in zip(ps, d))
     # the report shows the pooled tables only with two or more seeds
     st["across_seeds"] = {"whatsapp": acr}
     report = study.write_report(cfg, tmp_path, st).read_text()
     assert "## Across seeds (whatsapp; seeds [0, 1, 2])" in report
     row = next(line for line in report.splitlines() if line.startswith("| baseline vs multitask | ")
-               and "p < 0.05 in" in line)  # the pooled table, not the per-seed one
+               and "p < 0.05:" in line)  # the pooled table, not the per-seed one
     assert f"| {d.mean():+.3g} [{lo:+.3g}, {hi:+.3g}] (" in row  # the OLS GT column, after PI
     one = dict(st, seeds=[0], scores={"0": st["scores"]["0"]})
     one["across_seeds"] = {"whatsapp": study.across_seeds(one, arms, "whatsapp")}
