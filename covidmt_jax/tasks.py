@@ -19,7 +19,8 @@ its label (:func:`total_loss`). Batches follow docs/architecture.md: ``labels`` 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Mapping, Sequence
+import math
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,11 @@ from covidmt_jax.taskspec import (KINDS, LUNG_TASK, PAPER_TASKS, TaskSpec, paper
 
 def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Element-wise binary cross-entropy of sigmoid ``logits`` against ``targets`` in [0, 1],
-    in the numerically stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (any shape)."""
-    return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    in the numerically stable form ``softplus(z) - z y`` (any shape). Its gradient is
+    ``sigmoid(z) - y`` everywhere; the form ``max(z, 0) - z y + log(1 + exp(-|z|))`` has the
+    same value but JAX differentiates ``max`` and ``|z|`` at ``z = 0`` to a wrong gradient
+    (``-y`` instead of ``0.5 - y``)."""
+    return jax.nn.softplus(logits) - logits * targets
 
 
 def _masked_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
@@ -42,15 +46,53 @@ def _masked_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"one of {list(allowed)}"
+
+
+def _in_range(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            x = math.nan
+        ok = (x > lo if lo_open else x >= lo) and x <= hi
+        return None if ok else f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    return check
+
+
 class Task(abc.ABC):
-    """Base class: ``loss`` (jit-able, on model outputs and a batch) and metrics."""
+    """Base class: ``loss`` (jit-able, on model outputs and a batch) and metrics.
+
+    ``OPTIONS``: ``{option: (default, check)}``, the loss and metric options this kind takes
+    (``config.task_options.<task>``); an unknown option or a bad value is a
+    :class:`~covidmt_jax.config_lib.ConfigError` naming the task, the option and the choices.
+    ``self.options`` holds every option, defaults filled in."""
     kind: ClassVar[str]
+    OPTIONS: ClassVar[dict[str, tuple[Any, Callable[[Any], str | None]]]] = {}
 
     def __init__(self, spec: TaskSpec, column: int | None = None, **options: Any):
         self.spec = spec
         self.name = spec.name
         self.column = column
-        self.options = options
+        self.options = self.check_options(spec.name, options)
+
+    @classmethod
+    def check_options(cls, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` with the defaults filled in; ConfigError on an unknown key or bad value."""
+        from covidmt_jax.config_lib import ConfigError
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise ConfigError(f"config.task_options.{name}: unknown option(s) {unknown} for a {cls.kind} "
+                              f"task; known: {sorted(cls.OPTIONS) or 'none'}")
+        out = {}
+        for key, (default, check) in cls.OPTIONS.items():
+            value = options.get(key, default)
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"config.task_options.{name}.{key}={value!r}: must be {problem}")
+            out[key] = value
+        return out
 
     @abc.abstractmethod
     def loss(self, outputs: Mapping[str, Any], batch: Mapping[str, jax.Array],
@@ -71,8 +113,10 @@ class Task(abc.ABC):
 
 class ClassificationTask(Task):
     """Sigmoid cross-entropy on ``outputs[name]`` logits ``[B]`` vs ``labels[:, column]``,
-    averaged over the samples whose ``label_weight[:, column]`` is 1."""
+    averaged over the samples whose ``label_weight[:, column]`` is 1. Option: ``threshold``
+    (0.5; the probability at or above which sensitivity/specificity/accuracy count a positive)."""
     kind = "classification"
+    OPTIONS = {"threshold": (0.5, _in_range(0.0, 1.0))}
 
     def loss(self, outputs, batch, weight_norm=None):
         logits = outputs[self.name].astype(jnp.float32)
@@ -86,18 +130,23 @@ class ClassificationTask(Task):
         return {"prob": prob[w], "label": np.asarray(batch["labels"][:, self.column])[w]}
 
     def summarize(self, collected):
-        threshold = float(self.options.get("threshold", 0.5))
+        threshold = float(self.options["threshold"])
         rep = metrics.classification_report(collected["label"], collected["prob"], threshold)
         return {k: float(rep[k]) for k in ("roc_auc", "sensitivity", "specificity", "accuracy")}
 
 
 def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
                gamma: float = 2.0) -> jax.Array:
-    """Element-wise sigmoid focal loss (Lin et al. 2017)."""
-    p = jax.nn.sigmoid(logits)
-    p_t = p * targets + (1 - p) * (1 - targets)
+    """Element-wise sigmoid focal loss (Lin et al. 2017):
+    ``alpha_t * BCE(logits, targets) * (1 - p_t) ** gamma``. ``gamma = 0`` is alpha-weighted
+    BCE. ``targets`` are 0 or 1. ``1 - p_t`` is computed as ``sigmoid(-logit)`` for positives and ``sigmoid(logit)``
+    for negatives, so it does not round to 0 at saturated logits, and the power's base is kept
+    above 1e-30: the gradient stays finite for every ``gamma >= 0`` (``x ** gamma`` has an
+    infinite or NaN derivative at 0 for ``gamma < 1``)."""
+    one_minus_pt = jax.nn.sigmoid(jnp.where(targets > 0.5, -logits, logits))
     a_t = alpha * targets + (1 - alpha) * (1 - targets)
-    return a_t * bce_with_logits(logits, targets) * (1 - p_t) ** gamma
+    modulator = 1.0 if gamma == 0 else jnp.maximum(one_minus_pt, 1e-30) ** gamma
+    return a_t * bce_with_logits(logits, targets) * modulator
 
 
 class BoxTask(Task):
@@ -114,8 +163,9 @@ class BoxTask(Task):
 
     ``anchors``: ``[N_anchors, 4]`` xyxy pixels matching the box head's output at the
     training image size (``COVIDMT.anchors((H, W))``; :func:`build_tasks` passes them).
-    Options: ``regression`` ("squared" | "smooth_l1"), ``l2`` (1e-4), ``score_threshold``
-    (0.3; evaluation: the RSNA mAP counts the detections at or above it).
+    Options (``OPTIONS``): ``regression`` ("squared" | "smooth_l1"), ``l2`` (1e-4),
+    ``focal_alpha`` (0.25) and ``focal_gamma`` (2.0) of the objectness focal loss,
+    ``score_threshold`` (0.3; evaluation: the RSNA mAP counts the detections at or above it).
 
     Evaluation metrics: ``map`` — the RSNA challenge metric (:func:`covidmt_jax.metrics.rsna_map`)
     of the detections scoring >= ``score_threshold``; ``ap50`` — the threshold-free average
@@ -125,6 +175,11 @@ class BoxTask(Task):
     (``map`` 0).
     """
     kind = "box"
+    OPTIONS = {"regression": ("squared", _choice("squared", "smooth_l1")),
+               "l2": (1e-4, _in_range(0.0)),
+               "focal_alpha": (0.25, _in_range(0.0, 1.0)),
+               "focal_gamma": (2.0, _in_range(0.0)),
+               "score_threshold": (0.3, _in_range(0.0, 1.0))}
 
     def __init__(self, spec: TaskSpec, column: int | None = None, *, anchors: Any = None,
                  **options: Any):
@@ -154,13 +209,14 @@ class BoxTask(Task):
             n_pos = jnp.maximum(jnp.sum(pos), 1.0)
             target = encode_boxes(boxes[matched], anchors)
             diff = reg - target
-            if self.options.get("regression", "squared") == "smooth_l1":
+            if self.options["regression"] == "smooth_l1":
                 ad = jnp.abs(diff)
                 elem = jnp.where(ad < 1.0 / 9, 0.5 * 9 * ad ** 2, ad - 0.5 / 9)
             else:
                 elem = diff ** 2
             reg_loss = jnp.sum(elem.sum(-1) * pos) / n_pos
-            obj_loss = jnp.sum(focal_loss(obj, pos) * care) / n_pos
+            obj_loss = jnp.sum(focal_loss(obj, pos, float(self.options["focal_alpha"]),
+                                          float(self.options["focal_gamma"])) * care) / n_pos
             return reg_loss, obj_loss
 
         reg_l, obj_l = jax.vmap(per_image)(out["regression"].astype(jnp.float32),
@@ -168,7 +224,7 @@ class BoxTask(Task):
                                            batch["boxes"], batch["box_valid"])
         w = batch["box_weight"]
         reg_m, obj_m = _masked_mean(reg_l, w), _masked_mean(obj_l, w)
-        coef = float(self.options.get("l2", 1e-4))
+        coef = float(self.options["l2"])
         l2 = coef * weight_norm if coef and weight_norm is not None else jnp.float32(0.0)
         return reg_m + obj_m + l2, {"regression": reg_m, "objectness": obj_m, "l2": l2,
                                     "n": jnp.sum(w)}
@@ -189,7 +245,7 @@ class BoxTask(Task):
                 "gt_boxes": [gt[i][gt_valid[i]] for i in rows]}
 
     def summarize(self, collected):
-        t = float(self.options.get("score_threshold", 0.3))
+        t = float(self.options["score_threshold"])
         above = [np.asarray(s) >= t for s in collected["pred_scores"]]
         return {"map": float(metrics.rsna_map([b[k] for b, k in zip(collected["pred_boxes"], above)],
                                               [s[k] for s, k in zip(collected["pred_scores"], above)],
@@ -222,6 +278,20 @@ class SegmentationTask(Task):
 TASK_KINDS: dict[str, type[Task]] = {c.kind: c for c in (ClassificationTask, BoxTask, SegmentationTask)}
 
 
+def check_task_options(specs: Sequence[TaskSpec | str | Mapping[str, str]],
+                       options: Mapping[str, Mapping[str, Any]]) -> None:
+    """ConfigError unless every ``options`` entry names a task (of ``specs``, or a known task
+    left out of this run, as in the task-count ablation) and holds only options of its kind
+    with valid values (``Task.OPTIONS``). The trainer calls it before loading any data."""
+    from covidmt_jax.config_lib import ConfigError
+    kinds = {**{t.name: t.kind for t in PAPER_TASKS + (LUNG_TASK,)},
+             **{t.name: t.kind for t in tasks_from_names(specs)}}
+    for name, opts in options.items():
+        if name not in kinds:
+            raise ConfigError(f"config.task_options.{name}: no task of that name; tasks: {sorted(kinds)}")
+        TASK_KINDS[kinds[name]].check_options(name, dict(opts))
+
+
 def build_tasks(specs: Sequence[TaskSpec | str | Mapping[str, str]],
                 options: Mapping[str, Mapping[str, Any]] | None = None, *,
                 anchors: Any = None) -> list[Task]:
@@ -230,8 +300,10 @@ def build_tasks(specs: Sequence[TaskSpec | str | Mapping[str, str]],
     ``anchors``: ``[N, 4]`` for the box task, computed once from the model at the training
     image size (``model.anchors((H, W))``; needed only when a box task is present)."""
     options = options or {}
+    specs = tasks_from_names(specs)
+    check_task_options(specs, options)
     out, col = [], 0
-    for spec in tasks_from_names(specs):
+    for spec in specs:
         column, extra = None, {}
         if spec.kind == "classification":
             column, col = col, col + 1

@@ -44,7 +44,7 @@ from covidmt_jax.data.records import DataError
 from covidmt_jax.export import save_model
 from covidmt_jax.models import cpu_conv
 from covidmt_jax.data.images import image_hw
-from covidmt_jax.tasks import Task, build_tasks, total_loss
+from covidmt_jax.tasks import Task, build_tasks, check_task_options, total_loss
 
 log = logging.getLogger("covidmt_jax.train")
 
@@ -361,6 +361,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     specs = config_lib.validate(cfg)
+    check_task_options(specs, {k: dict(v) for k, v in cfg.task_options.items()})
     conv_paths = cpu_conv.set_paths(cfg.model.get("cpu_conv_kernels", "auto"), "config.model.cpu_conv_kernels")
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.mesh.model_axis)

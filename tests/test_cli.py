@@ -69,3 +69,22 @@ def test_bad_values_name_the_key_and_choices(tmp_path, capsys, monkeypatch):
                                           (float("inf"), "?")])
 def test_hms(seconds, text):
     assert cli.hms(seconds) == text
+
+
+def test_train_bad_task_option_fails_before_any_data(tmp_path, capsys, monkeypatch):
+    """A mistyped loss option (here the box task's focal gamma) would otherwise be ignored
+    silently: the trainer refuses it in one line, naming the option and the known ones,
+    before it builds a data source or a model."""
+    from covidmt_jax import train
+    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    cfg = tmp_path / "bad_option.py"
+    cfg.write_text("from covidmt_jax.demo import demo_train_config\n\n"
+                   "def get_config(arg=None):\n"
+                   "    c = demo_train_config('covidmt', size=64, n=16, shortcut=0.9, steps=2, width=0.25)\n"
+                   "    c.task_options.box.focal_gama = 1.0\n"
+                   "    return c\n")
+    monkeypatch.setattr(train, "build_sources", lambda *a, **k: pytest.fail("data loaded before the check"))
+    rc = train.main(["train", f"--config={cfg}", f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err
+    assert "config.task_options.box" in err and "'focal_gama'" in err and "'focal_gamma'" in err, err
