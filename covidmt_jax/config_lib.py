@@ -5,7 +5,8 @@ reads them in one place. Layout::
 
     seed, epochs, total_steps (-1: from epochs), steps_per_epoch (-1: from data sizes)
     tasks                  task names in order (see covidmt_jax.taskspec.PAPER_TASKS)
-    task_options.<task>    per-task loss options (box: regression, l2; threshold ...)
+    task_options.<task>    per-task options, checked against Task.OPTIONS (box: regression, l2,
+                           focal_alpha, focal_gamma, score_threshold; classification: threshold)
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
     model.cpu_conv_kernels ("auto": the COVIDMT_CPU_CONV variable, default on; "on", "off" or
         a comma-separated list of covidmt_jax.models.cpu_conv paths; CPU backend only)
