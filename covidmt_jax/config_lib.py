@@ -31,6 +31,7 @@ import ml_collections
 from covidmt_jax import models
 from covidmt_jax.data.records import ON_ERROR
 from covidmt_jax.data.sources import SOURCES
+from covidmt_jax.errors import ConfigError  # noqa: F401  (re-exported: config_lib.ConfigError)
 from covidmt_jax.taskspec import KINDS, TaskSpec, paper_tasks, tasks_from_names
 
 
@@ -120,10 +121,6 @@ def apply_task_count(c: ml_collections.ConfigDict, n: int | str) -> None:
         for ds in list(entries.keys()):
             if ds not in needed:
                 del entries[ds]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says which key and why."""
 
 
 def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:

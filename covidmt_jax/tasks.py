@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from covidmt_jax import metrics
+from covidmt_jax.errors import ConfigError
 from covidmt_jax.models.heads import detect, encode_boxes, match_anchors
 from covidmt_jax.taskspec import (KINDS, LUNG_TASK, PAPER_TASKS, TaskSpec, paper_tasks,  # noqa: F401
                                   tasks_from_names)
@@ -66,7 +67,7 @@ class Task(abc.ABC):
 
     ``OPTIONS``: ``{option: (default, check)}``, the loss and metric options this kind takes
     (``config.task_options.<task>``); an unknown option or a bad value is a
-    :class:`~covidmt_jax.config_lib.ConfigError` naming the task, the option and the choices.
+    :class:`~covidmt_jax.errors.ConfigError` naming the task, the option and the choices.
     ``self.options`` holds every option, defaults filled in."""
     kind: ClassVar[str]
     OPTIONS: ClassVar[dict[str, tuple[Any, Callable[[Any], str | None]]]] = {}
@@ -80,7 +81,6 @@ class Task(abc.ABC):
     @classmethod
     def check_options(cls, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` with the defaults filled in; ConfigError on an unknown key or bad value."""
-        from covidmt_jax.config_lib import ConfigError
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise ConfigError(f"config.task_options.{name}: unknown option(s) {unknown} for a {cls.kind} "
@@ -283,7 +283,6 @@ def check_task_options(specs: Sequence[TaskSpec | str | Mapping[str, str]],
     """ConfigError unless every ``options`` entry names a task (of ``specs``, or a known task
     left out of this run, as in the task-count ablation) and holds only options of its kind
     with valid values (``Task.OPTIONS``). The trainer calls it before loading any data."""
-    from covidmt_jax.config_lib import ConfigError
     kinds = {**{t.name: t.kind for t in PAPER_TASKS + (LUNG_TASK,)},
              **{t.name: t.kind for t in tasks_from_names(specs)}}
     for name, opts in options.items():

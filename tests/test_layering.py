@@ -28,7 +28,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "covidmt_jax"
 # not listed are applications ("apps", the top layer), which nothing below may import.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("covidmt_jax", "covidmt_jax.taskspec", "covidmt_jax.normalisation",
-                   "covidmt_jax.cpu_malloc"),
+                   "covidmt_jax.cpu_malloc", "covidmt_jax.errors"),
     "data": ("covidmt_jax.data", "covidmt_jax.data.", "covidmt_jax.channels"),
     "models": ("covidmt_jax.models", "covidmt_jax.models."),
     "metrics": ("covidmt_jax.metrics",),
@@ -57,6 +57,7 @@ ALLOWED: dict[str, frozenset[str]] = {
 # Modules whose imports are restricted to these top-level distributions (stdlib always allowed).
 PURE: dict[str, frozenset[str]] = {
     "covidmt_jax.taskspec": frozenset(),
+    "covidmt_jax.errors": frozenset(),
     "covidmt_jax.normalisation": frozenset({"numpy"}),
 }
 
