@@ -359,10 +359,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     from covidmt_jax.data.pipeline import make_train_iterator, steps_per_epoch as spe_of
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     specs = config_lib.validate(cfg)
     check_task_options(specs, {k: dict(v) for k, v in cfg.task_options.items()})
     conv_paths = cpu_conv.set_paths(cfg.model.get("cpu_conv_kernels", "auto"), "config.model.cpu_conv_kernels")
+    workdir.mkdir(parents=True, exist_ok=True)  # after the config checks: a refused config leaves no run directory
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.mesh.model_axis)
     if jax.process_index() == 0:

@@ -88,3 +88,4 @@ def test_train_bad_task_option_fails_before_any_data(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err
     assert "config.task_options.box" in err and "'focal_gama'" in err and "'focal_gamma'" in err, err
+    assert not (tmp_path / "run").exists()  # a refused config leaves no run directory behind
