@@ -51,14 +51,13 @@ def _choice(*allowed: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"one of {list(allowed)}"
 
 
-def _in_range(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[Any], str | None]:
+def _in_range(lo: float, hi: float = math.inf) -> Callable[[Any], str | None]:
     def check(v):
         try:
-            x = float(v)
+            ok = lo <= float(v) <= hi
         except (TypeError, ValueError):
-            x = math.nan
-        ok = (x > lo if lo_open else x >= lo) and x <= hi
-        return None if ok else f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            ok = False
+        return None if ok else f"a number in [{lo:g}, {hi:g}]"
     return check
 
 
@@ -139,10 +138,10 @@ def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
                gamma: float = 2.0) -> jax.Array:
     """Element-wise sigmoid focal loss (Lin et al. 2017):
     ``alpha_t * BCE(logits, targets) * (1 - p_t) ** gamma``. ``gamma = 0`` is alpha-weighted
-    BCE. ``targets`` are 0 or 1. ``1 - p_t`` is computed as ``sigmoid(-logit)`` for positives and ``sigmoid(logit)``
-    for negatives, so it does not round to 0 at saturated logits, and the power's base is kept
-    above 1e-30: the gradient stays finite for every ``gamma >= 0`` (``x ** gamma`` has an
-    infinite or NaN derivative at 0 for ``gamma < 1``)."""
+    BCE. ``targets`` are 0 or 1. ``1 - p_t`` is computed as ``sigmoid(-logit)`` for positives
+    and ``sigmoid(logit)`` for negatives, so it does not round to 0 at saturated logits, and the
+    power's base is kept above 1e-30: the gradient stays finite for every ``gamma >= 0``
+    (``x ** gamma`` has an infinite or NaN derivative at 0 for ``gamma < 1``)."""
     one_minus_pt = jax.nn.sigmoid(jnp.where(targets > 0.5, -logits, logits))
     a_t = alpha * targets + (1 - alpha) * (1 - targets)
     modulator = 1.0 if gamma == 0 else jnp.maximum(one_minus_pt, 1e-30) ** gamma
