@@ -8,6 +8,8 @@ reads them in one place. Layout::
     task_options.<task>    per-task options, checked against Task.OPTIONS (box: regression, l2,
                            focal_alpha, focal_gamma, score_threshold; classification: threshold)
     model.name, model.kwargs, model.in_channels, model.dtype ("float32" | "bfloat16")
+        (COVIDMT kwargs: backbone, transition_channels, fpn_channels, anchor_sizes,
+        box_head_norm ("none": the paper's RetinaNet subnets; "group": GroupNorm in them))
     model.cpu_conv_kernels ("auto": the COVIDMT_CPU_CONV variable, default on; "on", "off" or
         a comma-separated list of covidmt_jax.models.cpu_conv paths; CPU backend only)
     init.torch_weights, init.source     ImageNet initialisation from a user-given file
@@ -32,6 +34,7 @@ from covidmt_jax import models
 from covidmt_jax.data.records import ON_ERROR
 from covidmt_jax.data.sources import SOURCES
 from covidmt_jax.errors import ConfigError  # noqa: F401  (re-exported: config_lib.ConfigError)
+from covidmt_jax.models.heads import BOX_HEAD_NORMS
 from covidmt_jax.taskspec import KINDS, TaskSpec, paper_tasks, tasks_from_names
 
 
@@ -55,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     })
     c.model = ml_collections.ConfigDict({
         "name": "covidmt", "in_channels": 1, "dtype": "float32", "cpu_conv_kernels": "auto",
-        "kwargs": {"backbone": "resnext50_32x4d", "transition_channels": (256,), "fpn_channels": 256},
+        "kwargs": {"backbone": "resnext50_32x4d", "transition_channels": (256,), "fpn_channels": 256,
+                   "box_head_norm": "none"},
     })
     c.init = ml_collections.ConfigDict({"torch_weights": "", "source": "torchvision"})
     c.data = ml_collections.ConfigDict({
@@ -136,6 +140,11 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
                           f"available: {models.available()}")
     if c.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
+    if c.model.name == "covidmt":
+        norm = (c.model.kwargs or {}).get("box_head_norm", "none")
+        if norm not in BOX_HEAD_NORMS:
+            raise ConfigError(f"config.model.kwargs.box_head_norm must be one of {list(BOX_HEAD_NORMS)}, "
+                              f"got {norm!r}")
     if c.model.name != "covidmt":
         kinds = {t.kind for t in tasks}
         if c.model.name == "unet" and kinds != {"segmentation"}:
@@ -229,7 +238,8 @@ def demo_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"width must be in (0, 1], got {width}")
     narrow = {} if width == 1 else {"stage_widths": tuple(max(1, round(w * width)) for w in (64, 128, 256, 512))}
     c.model.kwargs = {"backbone": opts.get("backbone", "resnet18"), "transition_channels": (64,),
-                      "fpn_channels": 64, "anchor_sizes": (size / 8, size / 4, size / 2), **narrow}
+                      "fpn_channels": 64, "anchor_sizes": (size / 8, size / 4, size / 2),
+                      "box_head_norm": "none", **narrow}
     c.data.image_size = size
     c.data.per_task_batch = 8
     c.data.eval_batch_size = 32

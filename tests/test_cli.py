@@ -89,3 +89,18 @@ def test_train_bad_task_option_fails_before_any_data(tmp_path, capsys, monkeypat
     assert rc == 2 and len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err
     assert "config.task_options.box" in err and "'focal_gama'" in err and "'focal_gamma'" in err, err
     assert not (tmp_path / "run").exists()  # a refused config leaves no run directory behind
+
+
+def test_train_bad_box_head_norm_is_one_line(tmp_path, capsys, monkeypatch):
+    """``model.kwargs.box_head_norm`` is checked with the config: a wrong value is one line naming
+    the key and the choices, before any data source, not a traceback from the model's build."""
+    from covidmt_jax import train
+    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(train, "build_sources", lambda *a, **k: pytest.fail("data loaded before the check"))
+    rc = train.main(["train", f"--config={ROOT / 'configs' / 'demo.py'}:steps=2,n=16,size=64",
+                     "--config.model.kwargs.box_head_norm=batch",
+                     f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err
+    assert "config.model.kwargs.box_head_norm" in err and "'group'" in err and "'batch'" in err, err
+    assert not (tmp_path / "run").exists()

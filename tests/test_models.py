@@ -139,6 +139,33 @@ def test_covidmt_outputs_follow_tasks(n_tasks):
     assert m.pool_and_classify(m.features(x)["last_conv"]).shape == (2, len(m.classification_tasks))
 
 
+def test_box_head_group_norm_normalises_each_hidden_conv_and_round_trips(tmp_path):
+    """``box_head_norm="group"``: GroupNorm after every hidden conv of both subnets, so each
+    hidden activation has, per image and group, mean 0 and variance 1 before the ReLU whatever
+    the input scale; the option survives export and load; a wrong name fails at build time."""
+    from covidmt_jax.export import load_model, save_model
+    from covidmt_jax.models.heads import RetinaSubnet
+    sub = RetinaSubnet(16, 9, 1, norm="group", rngs=nnx.Rngs(0))
+    assert len(sub.norms) == len(sub.convs) == 4
+    x = 50.0 * jax.random.normal(jax.random.key(1), (2, 6, 6, 16)) + 7.0
+    h = sub.norms[0](sub.convs[0](x))  # [2, 6, 6, 16], groups of 4 channels
+    g = np.asarray(h).reshape(2, 36, 4, 4)
+    np.testing.assert_allclose(g.mean(axis=(1, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(g.var(axis=(1, 3)), 1.0, rtol=1e-3)
+    assert RetinaSubnet(16, 9, 1, rngs=nnx.Rngs(0)).norms == nnx.List([])
+    kwargs = {"backbone": "resnet18", "tasks": ["covid", "box"], "transition_channels": (16,),
+              "fpn_channels": 16, "box_head_norm": "group"}
+    m = models.create("covidmt", **kwargs)
+    xi = jax.random.uniform(jax.random.key(2), (2, 64, 64, 1))
+    save_model(tmp_path / "m", m, name="covidmt", model_kwargs=kwargs)
+    back = load_model(tmp_path / "m")
+    assert len(back.box_head.objectness_subnet.norms) == 4
+    np.testing.assert_allclose(np.asarray(back(xi)["box"]["objectness"]),
+                               np.asarray(m(xi)["box"]["objectness"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        models.create("covidmt", backbone="resnet18", tasks=["box"], fpn_channels=16, box_head_norm="batch")
+
+
 def test_covidmt_custom_task_dicts_and_errors():
     m = models.create("covidmt", backbone="resnet18", transition_channels=(16,),
                       tasks=[{"name": "tb", "kind": "classification", "dataset": "shenzhen", "label": "TB"}])

@@ -3,7 +3,8 @@
 Tasks come from configuration (``TaskSpec``s), not code: classification tasks are grouped by
 their source dataset and each group gets one :class:`ClassificationHead` whose outputs are
 that group's tasks (NIH's four findings share one head; COVIDx's COVID-19 task has its own);
-a ``box`` task adds the FPN + RetinaNet :class:`BoxHead` (RSNA pneumonia boxes).
+a ``box`` task adds the FPN + RetinaNet :class:`BoxHead` (RSNA pneumonia boxes;
+``box_head_norm="group"`` adds GroupNorm to its subnets, default "none" as in the paper).
 
 Output of ``model(x)`` for ``x [B, H, W, C]``::
 
@@ -35,7 +36,7 @@ class COVIDMT(Backbone):
     def __init__(self, *, tasks: Sequence[TaskSpec | str | dict] = PAPER_TASKS,
                  backbone: str = "resnext50_32x4d", in_channels: int = 1,
                  transition_channels: Sequence[int] = (256,), fpn_channels: int = 256,
-                 anchor_sizes: Sequence[float] = (32.0, 64.0, 128.0),
+                 anchor_sizes: Sequence[float] = (32.0, 64.0, 128.0), box_head_norm: str = "none",
                  num_classes: int = 0, dtype: Any = jnp.float32, rngs: nnx.Rngs,
                  **backbone_kwargs: Any):
         del num_classes  # outputs are defined by the tasks
@@ -63,7 +64,7 @@ class COVIDMT(Backbone):
         self.box_task = box_tasks[0] if box_tasks else None
         self.anchor_sizes = tuple(anchor_sizes)
         self.box_head = (BoxHead([self.feature_channels[k] for k in ("c3", "c4", "c5")],
-                                 channels=fpn_channels, dtype=dtype, rngs=rngs)
+                                 channels=fpn_channels, norm=box_head_norm, dtype=dtype, rngs=rngs)
                          if self.box_task else None)
         self.num_classes = len(self.classification_tasks)
 

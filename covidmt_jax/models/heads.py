@@ -20,6 +20,8 @@ from flax import nnx
 from covidmt_jax.models.layers import ConvBN, conv2d, conv_general_dilated, global_avg_pool, linear, resize_to
 
 BOX_CODER_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+#: ``norm`` choices of the box subnets: the paper's RetinaNet head, or GroupNorm in its hidden convs
+BOX_HEAD_NORMS = ("none", "group")
 _BBOX_CLIP = math.log(1000.0 / 16)
 
 
@@ -73,11 +75,13 @@ class RetinaSubnet(nnx.Module):
     """Four (3x3 conv -> ReLU) then a final 3x3 conv to ``A * out_per_anchor`` channels,
     shared over pyramid levels. ``[B, h, w, C] -> [B, h * w * A, out_per_anchor]``.
     Kernels ~ N(0, (0.01 * sqrt(256 / C))**2) (RetinaNet's N(0, 0.01) at C = 256), biases 0
-    except the final conv's (``prior_bias``).
+    except the final conv's (``prior_bias``). ``norm="group"`` puts GroupNorm (``min(32, C // 4)``
+    groups, shared over levels like the convs) between each hidden conv and its ReLU, as in
+    torchvision's RetinaNet v2 head: conv -> GroupNorm -> ReLU.
     """
 
     def __init__(self, channels: int, num_anchors: int, out_per_anchor: int, *, n_convs: int = 4,
-                 prior_bias: float = 0.0, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 prior_bias: float = 0.0, norm: str = "none", dtype: Any = jnp.float32, rngs: nnx.Rngs):
         # RetinaNet's N(0, 0.01) kernels give each 3x3 conv a gain of 0.01 * sqrt(9 * 256) ~ 0.48
         # at its 256 channels; a narrower head keeps that gain (std 0.01 * sqrt(256 / channels)),
         # else the signal through the five convs shrinks like (0.01 * sqrt(9 C)) ** 5 (1e-4 at
@@ -88,6 +92,11 @@ class RetinaSubnet(nnx.Module):
                                         kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
                                         conv_general_dilated=conv_general_dilated, rngs=rngs)
                                 for _ in range(n_convs)])
+        if norm not in BOX_HEAD_NORMS:
+            raise ValueError(f"RetinaSubnet norm must be one of {BOX_HEAD_NORMS}, got {norm!r}")
+        self.norms = nnx.List([nnx.GroupNorm(channels, num_groups=min(32, channels // 4), epsilon=1e-5,
+                                             dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                               for _ in range(n_convs)] if norm == "group" else [])
         self.out = nnx.Conv(channels, num_anchors * out_per_anchor, (3, 3), padding=((1, 1), (1, 1)),
                             kernel_init=init, bias_init=nnx.initializers.constant(prior_bias),
                             dtype=dtype, param_dtype=jnp.float32,
@@ -95,8 +104,11 @@ class RetinaSubnet(nnx.Module):
         self.out_per_anchor = out_per_anchor
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for conv in self.convs:
-            x = nnx.relu(conv(x))
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norms:
+                x = self.norms[i](x)
+            x = nnx.relu(x)
         x = self.out(x)
         return x.reshape(x.shape[0], -1, self.out_per_anchor).astype(jnp.float32)
 
@@ -105,15 +117,18 @@ class BoxHead(nnx.Module):
     """RSNA box head: FPN, a box-regression subnet and an objectness subnet.
 
     ``{"c3", "c4", "c5"} -> {"regression": [B, N_anchors, 4], "objectness": [B, N_anchors]}``.
+    ``norm``: "none" (the paper's RetinaNet subnets) or "group" (GroupNorm in both subnets'
+    hidden convs; keeps long trainings from scratch from stalling, see the README's demo notes).
     """
 
     def __init__(self, in_channels: Sequence[int], *, channels: int = 256, num_anchors: int = 9,
-                 prior_prob: float = 0.01, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 prior_prob: float = 0.01, norm: str = "none", dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
         self.fpn = FPN(in_channels, channels, dtype=dtype, rngs=rngs)
-        self.box_subnet = RetinaSubnet(channels, num_anchors, 4, dtype=dtype, rngs=rngs)
+        self.box_subnet = RetinaSubnet(channels, num_anchors, 4, norm=norm, dtype=dtype, rngs=rngs)
         self.objectness_subnet = RetinaSubnet(channels, num_anchors, 1,
                                               prior_bias=-math.log((1 - prior_prob) / prior_prob),
-                                              dtype=dtype, rngs=rngs)
+                                              norm=norm, dtype=dtype, rngs=rngs)
 
     def regression_weight_norm(self) -> jax.Array:
         """Sum of squared conv kernels of the box-regression subnet (float32 scalar)."""
