@@ -134,3 +134,32 @@ def test_findings_separate_uncalibrated_box_scores_from_missed_boxes():
     assert "below 0.1 in every seed" in line and "has not learned to find the boxes" in line
     mixed = demo.findings([figs(0.0, 0.05), figs(0.0, 0.6), figs(0.0, 0.3)], [p] * 3, None, [0, 1, 2])
     assert "seeds disagree" in next(s for s in mixed if "box task" in s)
+
+
+def test_demo_covidmt_arm_gets_the_box_recipe_and_the_baseline_does_not():
+    """The demo's box recipe reaches the model and the RSNA-like phantoms its config builds:
+    GroupNorm in the box subnets, and consolidations drawn ``BOX_FINDING_STRENGTH`` times denser
+    than at strength 1 (the same phantoms otherwise: same boxes, more opacity inside them). The
+    baseline arm trains on the COVIDx-like phantoms alone, with no box head."""
+    import numpy as np
+
+    from covidmt_jax import demo
+    from covidmt_jax.data.sources import SOURCES
+
+    mt = demo.demo_train_config("covidmt", size=64, n=16, shortcut=0.9, width=0.25)
+    base = demo.demo_train_config("baseline", size=64, n=16, shortcut=0.9, width=0.25)
+    assert mt.model.kwargs.box_head_norm == demo.BOX_HEAD_NORM == "group"
+    assert "box_head_norm" not in base.model.kwargs and list(base.data.train) == ["covidx"]
+    assert base.data.train.covidx.to_dict() == mt.data.train.covidx.to_dict()
+    for split in (mt.data.train, mt.data.val):
+        entry = split.rsna
+        dense = SOURCES[entry.source](**entry.kwargs)
+        faint = SOURCES[entry.source](**{**entry.kwargs, "finding_strength": 1.0})
+        gains = []
+        for i in range(len(dense)):
+            d, f = dense.phantom(i), faint.phantom(i)
+            np.testing.assert_array_equal(d.boxes, f.boxes)
+            if len(d.boxes):
+                inside = d.finding_mask
+                gains.append(float((d.image[inside] - f.image[inside]).mean()))
+        assert gains and min(gains) > 0, gains
