@@ -5,7 +5,11 @@ Phantoms for all three task datasets, with a label-correlated shortcut cue OUTSI
 in the COVID training data (``shortcut=`` its strength, the probability that the cue agrees
 with the label). ``model=covidmt`` (six tasks, the default) or ``model=baseline`` (COVID only);
 ``size`` (80 px), ``n`` phantoms per dataset (480), ``steps`` (-1: the demo's epochs), ``seed`` (0),
-``width`` (ResNet-18 stage widths as a fraction of torchvision's; 0.5).
+``width`` (ResNet-18 stage widths as a fraction of torchvision's; 0.5). The COVIDMT arm's box
+task has GroupNorm in its subnets and RSNA-like phantoms with 4x denser consolidations
+(``covidmt_jax.demo.BOX_HEAD_NORM`` / ``BOX_FINDING_STRENGTH``; override with
+``--config.model.kwargs.box_head_norm=none`` and
+``--config.data.train.rsna.kwargs.finding_strength=1``, the same under ``data.val``).
 
     python -m covidmt_jax.train --config configs/demo.py --workdir runs/demo_mt
     python -m covidmt_jax.train --config configs/demo.py:model=baseline,seed=1 --workdir runs/demo_base

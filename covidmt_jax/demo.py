@@ -9,7 +9,9 @@ In miniature, the paper's whole experiment on synthetic chest phantoms, repeated
    ``--shortcut``, default 0.9);
 2. per seed, trains a single-task baseline (ResNet-18, COVID only) and a six-task COVIDMT
    (ResNet-18 backbone) with ``configs/demo.py`` through the real trainer (the seed sets the
-   initialisation, batch order and augmentation; the training phantoms are the same);
+   initialisation, batch order and augmentation; the training phantoms are the same; COVIDMT's
+   box task gets denser consolidations and GroupNorm in its subnets, see
+   :data:`BOX_FINDING_STRENGTH`);
 3. per seed, scores both on that seed's own phantom test pairs — the original PNG and its copy
    sent through the ``whatsapp`` channel preset — where the corner marker is present but
    independent of the label, with the real scoring job (predictions, Grad-CAM, the shipped
@@ -69,8 +71,8 @@ BOX_AP_NOT_LEARNED = 0.1  # box AP@0.5 below this in every seed: the box task ha
 #: the demo's recipe on top of ``config_lib.demo_config``: BATCH images per task dataset per
 #: step (baseline 8, COVIDMT 8 + 8 + 8), EPOCHS epochs, Adam lr 1e-3 without decay
 BATCH, EPOCHS = 8, 2
-#: the box task's part of the recipe, so that it learns within the demo's 120 steps (README,
-#: "What the run below measured"): the RSNA-like phantoms' consolidations drawn this many times
+#: the box task's part of COVIDMT's recipe, so that it learns within the demo's 120 steps
+#: (README, "The box task at the demo's budget", measures each part): the RSNA-like phantoms' consolidations drawn this many times
 #: denser (``finding_strength`` of the synthetic_rsna source; 1 draws them as faint as the other
 #: findings, and the box head then learns only where boxes usually are) ...
 BOX_FINDING_STRENGTH = 4.0
