@@ -48,6 +48,29 @@ def pytest_configure(config: pytest.Config) -> None:
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+#: marker -> (module that must import, the extra that provides it)
+EXTRAS = {"torch": ("torch", "torch"), "dicom": ("pydicom.pixels", "dicom")}
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``torch`` / ``dicom`` skip cleanly when that extra is not installed."""
+    missing = {m: f"the {extra} extra is not installed: pip install '.[{extra}]'"
+               for m, (module, extra) in EXTRAS.items()
+               if any(item.get_closest_marker(m) for item in items) and not _importable(module)}
+    for item in items:
+        for marker, reason in missing.items():
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data (real CXR data); skips the test when it is absent."""

@@ -239,6 +239,7 @@ def _dicom(arr: np.ndarray, *, bits_stored: int, photometric="MONOCHROME2", **el
     return buf.getvalue()
 
 
+@pytest.mark.dicom
 def test_dicom_12bit_scaled_by_bits_stored():
     a = np.array([[0, 1024], [2048, 4095]], np.uint16)
     data = _dicom(a, bits_stored=12)
@@ -248,6 +249,7 @@ def test_dicom_12bit_scaled_by_bits_stored():
     np.testing.assert_allclose(np.asarray(im), a / 4095.0, atol=1e-7)
 
 
+@pytest.mark.dicom
 def test_dicom_monochrome1_inverted():
     a = np.array([[0, 4095]], np.uint16)
     g = I.load_grey(_dicom(a, bits_stored=12, photometric="MONOCHROME1"))
@@ -256,6 +258,7 @@ def test_dicom_monochrome1_inverted():
     assert (np.asarray(I.open_image(_dicom(a8, bits_stored=8, photometric="MONOCHROME1"))) == [[255, 0]]).all()
 
 
+@pytest.mark.dicom
 def test_dicom_window_and_rescale():
     a = np.array([[0, 1000, 1500, 2000, 4000]], np.uint16)
     # rescale: HU = raw - 1000; window centre 500, width 1001 -> [0, 1] over HU [0, 1000]
@@ -267,6 +270,7 @@ def test_dicom_window_and_rescale():
     np.testing.assert_allclose(g2, a / 4095.0, atol=1e-6)
 
 
+@pytest.mark.dicom
 def test_dicom_voi_lut_sequence():
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
@@ -279,6 +283,7 @@ def test_dicom_voi_lut_sequence():
     np.testing.assert_allclose(g, [[0.0, 64 / 255, 1.0]], atol=1e-6)
 
 
+@pytest.mark.dicom
 def test_dicom_bad_inputs():
     a = np.zeros((64, 64), np.uint16)
     data = _dicom(a, bits_stored=12)
@@ -289,6 +294,7 @@ def test_dicom_bad_inputs():
 
 
 # --- real files ------------------------------------------------------------------------
+@pytest.mark.dicom
 def test_all_shared_samples_decode(shared_data):
     root = shared_data / "samples"
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".dcm")]

@@ -228,6 +228,7 @@ def test_rsna_real_counts(shared_data):
     assert len(val) == len(hold) and val.name == "rsna:val"
 
 
+@pytest.mark.dicom
 def test_rsna_fixture_zip_images_and_groups(tmp_path):
     rows = (RSNA_HEADER + "a,,,,,0\nb,100,200,300,400,1\nb,512,0,512,1024,1\nc,,,,,0\n")
     z = tmp_path / "stage_2_train_labels.csv.zip"
