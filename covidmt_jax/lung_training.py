@@ -190,6 +190,40 @@ def export_convention(directory: str | Path, out: str | Path, convention: str, *
     return save_model(out, dst, name="unet", model_kwargs=kwargs, metadata=meta)
 
 
+def soup(members: list[str | Path], out: str | Path, *, convention: str | None = None) -> Path:
+    """One segmenter from several trainings of this module started from the same export:
+    the element-wise mean of their weights (:func:`covidmt_jax.export.average_models`).
+
+    ``convention``: take that head of each member (a multi-head ``export/best`` is sliced by
+    :func:`export_convention`; a single-head member must already be that convention's); the
+    result is then a single-output U-Net that :func:`covidmt_jax.lungs.load_lung_segmenter`
+    loads. Members of one convention share their body, so souping each convention of the same
+    members gives segmenters that share theirs too.
+    """
+    import tempfile
+    from covidmt_jax.export import average_models, read_spec
+    if convention is None:
+        return average_models(members, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        heads = []
+        for i, m in enumerate(members):
+            meta = read_spec(m).get("metadata", {})
+            if meta.get("outputs"):
+                heads.append(export_convention(m, Path(tmp) / str(i), convention))
+            elif meta.get("convention") == convention:
+                heads.append(Path(m))
+            else:
+                raise ValueError(f"{m}/model.json: neither a multi-head export (metadata.outputs) nor a "
+                                 f"{convention!r} segmenter (metadata.convention={meta.get('convention')!r})")
+        out = average_models(heads, out, {"convention": convention})
+    # name the members as given, not the temporary single-head copies
+    spec = read_spec(out)
+    for rec, m in zip(spec["metadata"]["averaged_from"], members):
+        rec["directory"] = str(m)
+    (Path(out) / "model.json").write_text(json.dumps(spec, indent=2))
+    return Path(out)
+
+
 def masked_convention_loss(logits: jax.Array, mask: jax.Array, convention: jax.Array,
                            bce_weight: float = 1.0) -> jax.Array:
     """Dice + BCE of each sample on its own convention's channel only.
@@ -545,6 +579,11 @@ def main(argv=None):
     e.add_argument("--resize", default=None, choices=RESIZE_POLICIES, help="override the policy")
     e.add_argument("--sets", default="", help="comma list of set names (default: all present)")
     e.add_argument("--out", required=True, help="JSON file with per-film rows and per-group figures")
+    sp = sub.add_parser("soup", help="average the weights of exports fine-tuned from one start (a model soup)")
+    sp.add_argument("--members", required=True, help="comma list of export directories (same architecture)")
+    sp.add_argument("--convention", default="",
+                    help="export this convention's head of each multi-head member first (fields | anatomical)")
+    sp.add_argument("--out", required=True, help="export directory of the averaged model")
     argv = list(argv) if argv is not None else None
     import sys
     args_in = sys.argv[1:] if argv is None else argv
@@ -564,6 +603,9 @@ def main(argv=None):
         for tag, g in res["groups"].items():
             print(f"{tag:45s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in g.items()))
+        return
+    if a.cmd == "soup":
+        print(soup(list(filter(None, a.members.split(","))), a.out, convention=a.convention or None))
         return
     cfg = load_config(a.config)
     print(json.dumps(jsonable(train(cfg, a.workdir)), allow_nan=False))

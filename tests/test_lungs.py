@@ -147,6 +147,58 @@ def test_export_convention_slices_one_head(tmp_path):
         lung_segmenter("heart")
 
 
+def test_soup_averages_every_tensor_and_refuses_other_architectures(tmp_path):
+    from safetensors.numpy import load_file
+    from covidmt_jax.export import average_models
+    from covidmt_jax.lung_training import soup
+    kw = {"depth": 2, "base_width": 4, "in_channels": 1, "num_classes": 2, "batch_norm": True}
+    members = []
+    for seed in (1, 2, 3):
+        m = models.create("unet", rngs=seed, **kw)
+        m.train()  # one forward pass in training mode moves the BatchNorm running statistics
+        m(np.random.RandomState(seed).randn(2, 32, 32, 1).astype(np.float32) * seed)
+        members.append(save_model(tmp_path / f"m{seed}", m, name="unet", model_kwargs=kw,
+                                  metadata={"image_size": 32, "outputs": ["fields", "anatomical"],
+                                            "step": 100 * seed, "val_dice": {"a": 0.1 * seed}}))
+    params = [load_file(str(m / "params.safetensors")) for m in members]
+    stats = [k for k in params[0] if k.endswith("mean")]
+    assert stats and not np.allclose(params[0][stats[0]], params[1][stats[0]])  # they differ, and are averaged
+    out = average_models(members, tmp_path / "avg")
+    avg = load_file(str(out / "params.safetensors"))
+    assert set(avg) == set(params[0])
+    for k in avg:
+        np.testing.assert_allclose(avg[k], (params[0][k] + params[1][k] + params[2][k]) / 3, rtol=1e-6, atol=1e-7)
+    spec = __import__("json").loads((out / "model.json").read_text())
+    assert "step" not in spec["metadata"] and [r["step"] for r in spec["metadata"]["averaged_from"]] == [100, 200, 300]
+    # the soup of one convention is a single-output segmenter whose head is the mean of that channel
+    seg = load_lung_segmenter(soup(members, tmp_path / "fields", convention="fields"))
+    assert seg.convention == "fields"
+    head = load_file(str(tmp_path / "fields" / "params.safetensors"))["head/kernel"]
+    np.testing.assert_allclose(head, np.mean([p["head/kernel"][..., :1] for p in params], 0), rtol=1e-6)
+    assert [r["directory"] for r in seg.metadata["averaged_from"]] == [str(m) for m in members]
+    x = np.random.RandomState(0).randn(2, 32, 32, 1).astype(np.float32)
+    assert np.isfinite(np.asarray(seg.predict_normalised(x))).all()
+    # the command line does the same for the other convention; the two soups share their body
+    from covidmt_jax.lung_training import main
+    main(["soup", "--members", ",".join(map(str, members)), "--convention", "anatomical",
+          "--out", str(tmp_path / "anatomical")])
+    anat = load_file(str(tmp_path / "anatomical" / "params.safetensors"))
+    fields = load_file(str(tmp_path / "fields" / "params.safetensors"))
+    assert load_lung_segmenter(tmp_path / "anatomical").convention == "anatomical"
+    assert all(np.array_equal(anat[k], fields[k]) for k in anat if not k.startswith("head"))
+    np.testing.assert_allclose(anat["head/bias"], np.mean([p["head/bias"][1:] for p in params], 0), rtol=1e-6)
+    # an averaged single-head member of the other convention, another width, or one export alone: refused
+    with pytest.raises(ValueError, match="neither a multi-head export"):
+        soup([tmp_path / "fields", members[0]], tmp_path / "x", convention="anatomical")
+    wide = dict(kw, base_width=8)
+    save_model(tmp_path / "wide", models.create("unet", rngs=0, **wide), name="unet", model_kwargs=wide,
+               metadata={"image_size": 32})
+    with pytest.raises(ValueError, match="only the same architecture averages"):
+        average_models([members[0], tmp_path / "wide"], tmp_path / "y")
+    with pytest.raises(ValueError, match="at least two"):
+        average_models([members[0]], tmp_path / "z")
+
+
 _SHIPPED_BOTH = all((d / "model.json").is_file() for d in __import__("covidmt_jax.lungs", fromlist=["x"]).SEGMENTERS.values())
 
 
