@@ -100,44 +100,34 @@ _ONE_RUN_KEYS = ("step", "val_dice", "train_s", "train_command", "val_dice_at_in
 
 
 def average_models(directories: list[str | os.PathLike], out: str | os.PathLike,
-                   metadata: dict[str, Any] | None = None) -> Path:
+                   metadata: dict[str, Any] | None = None, *, names: list[str] | None = None) -> Path:
     """Export the element-wise mean of several exports' tensors (a uniform "model soup",
     Wortsman et al. 2022): parameters and BatchNorm running statistics alike.
 
     Meaningful for models fine-tuned from one starting point, which stay in one basin of
     the loss; the result is one model of the same size and speed as each member. Every member
-    must hold the same zoo name, ``model_kwargs`` and tensor names and shapes (raises naming
-    the first that differs). ``model.json`` keeps the first member's metadata except what
+    must hold the same zoo name and ``model_kwargs`` (and tensors that fit them,
+    :func:`load_model`). ``model.json`` keeps the first member's metadata except what
     describes one run (:data:`_ONE_RUN_KEYS`), which goes to ``averaged_from`` with each
-    member's directory; ``metadata`` entries are applied last.
+    member's name (``names``, default: its directory); ``metadata`` entries are applied last.
     """
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
     if len(directories) < 2:
         raise ValueError(f"average_models needs at least two exports, got {len(directories)}")
     specs = [read_spec(d) for d in directories]
     first = specs[0]
-    tensors: list[dict[str, np.ndarray]] = []
+    total: dict[str, np.ndarray] = {}
     for d, spec in zip(directories, specs):
         if (spec["name"], spec["model_kwargs"]) != (first["name"], first["model_kwargs"]):
             raise ValueError(f"{d}: a {spec['name']} with {spec['model_kwargs']}, but {directories[0]} holds a "
                              f"{first['name']} with {first['model_kwargs']}; only the same architecture averages")
-        load_model(d)  # the tensors must fit the architecture, named as load_model names them
-        with safe_open(str(Path(d) / "params.safetensors"), framework="numpy") as f:
-            tensors.append({k: f.get_tensor(k).astype(np.float64) for k in f.keys()})
-    mean = {k: np.ascontiguousarray((sum(t[k] for t in tensors) / len(tensors)).astype(np.float32))
-            for k in tensors[0]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        for k, v in _flat_arrays(load_model(d)).items():
+            total[k] = total.get(k, 0.0) + v.astype(np.float64)
+    model = load_model(directories[0])
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
+        var[...] = jnp.asarray(total["/".join(map(str, path))] / len(directories), var[...].dtype)
     meta = {k: v for k, v in first.get("metadata", {}).items() if k not in _ONE_RUN_KEYS}
-    meta["averaged_from"] = [dict({k: s.get("metadata", {})[k] for k in _ONE_RUN_KEYS if k in s.get("metadata", {})},
-                                  directory=str(d)) for d, s in zip(directories, specs)]
+    meta["averaged_from"] = [
+        dict({k: s["metadata"][k] for k in _ONE_RUN_KEYS if k in s.get("metadata", {})}, directory=str(n))
+        for n, s in zip(names or directories, specs)]
     meta.update(metadata or {})
-    spec = dict(first, metadata=meta)
-    tmp = out / "params.safetensors.tmp"
-    save_file(mean, str(tmp))
-    os.replace(tmp, out / "params.safetensors")
-    tmp = out / "model.json.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, out / "model.json")
-    return out
+    return save_model(out, model, name=first["name"], model_kwargs=first["model_kwargs"], metadata=meta)

@@ -215,13 +215,7 @@ def soup(members: list[str | Path], out: str | Path, *, convention: str | None =
             else:
                 raise ValueError(f"{m}/model.json: neither a multi-head export (metadata.outputs) nor a "
                                  f"{convention!r} segmenter (metadata.convention={meta.get('convention')!r})")
-        out = average_models(heads, out, {"convention": convention})
-    # name the members as given, not the temporary single-head copies
-    spec = read_spec(out)
-    for rec, m in zip(spec["metadata"]["averaged_from"], members):
-        rec["directory"] = str(m)
-    (Path(out) / "model.json").write_text(json.dumps(spec, indent=2))
-    return Path(out)
+        return average_models(heads, out, {"convention": convention}, names=[str(m) for m in members])
 
 
 def masked_convention_loss(logits: jax.Array, mask: jax.Array, convention: jax.Array,
