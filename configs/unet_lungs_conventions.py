@@ -4,7 +4,8 @@
 
 Arguments (``--config FILE:k=v,...``): ``root`` (data root holding ``lungs_mc_sz_512`` and
 ``lungs_diseased/``), ``image_size``, ``width``, ``resize`` (squash | letterbox | both: non-square films in both forms), ``steps``,
-``lr``, ``batch``, ``init`` (an exported U-Net to start from; ``none`` = random init),
+``lr``, ``batch``, ``init`` (an exported U-Net to start from; one of a narrower width, e.g. the
+width-8 default with ``width=16``, is widened to compute the same function; ``none`` = random init),
 ``eval_every``, ``checkpoint_every``, ``seed``. Rerunning with the same ``--workdir`` resumes.
 Defaults: fine-tune the shipped fields U-Net (width 8, 256 px) for 1,500 steps of batch 8;
 non-square films (the anatomical set) are trained squashed and letterboxed, and val Dice is

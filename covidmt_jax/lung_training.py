@@ -16,8 +16,9 @@ Steps:
 2. Batches draw sets with the config's weights (the anatomical set is small), then films
    uniformly; :class:`covidmt_jax.data.lung_augment.LungAugment` per sample, in a
    background thread.
-3. Init from an exported U-Net (default: the shipped fields model): all layers copied, its
-   single head copied into both channels.
+3. Init from an exported U-Net (default: the first fields model, ``assets/lung_unet``): all
+   layers copied, a single head copied into both channels; an export of a narrower width is
+   widened to the same function (Net2WiderNet, :func:`covidmt_jax.models.unet.widen_tensor`).
 4. Adam with a cosine decay; every ``eval_every`` steps the val Dice per set (at the
    network's size, masks resized with nearest neighbour) goes to ``metrics.jsonl``, and the
    model with the best mean over sets is exported to ``WORKDIR/export/best``
@@ -138,15 +139,20 @@ class BatchStream:
 
 # ----------------------------------------------------------------------------- model
 
-def init_from_export(model: nnx.Module, directory: str | Path) -> list[str]:
-    """Copy an exported single-output U-Net's weights into ``model`` (two outputs): every
-    tensor whose shape matches; the head's ``[1, 1, C, 1]`` kernel and ``[1]`` bias go to
-    every output channel. Returns the copied names; raises naming a tensor that cannot fit."""
+def init_from_export(model: nnx.Module, directory: str | Path, seed: int = 0) -> list[str]:
+    """Copy an exported U-Net's weights into ``model``: every tensor whose shape matches; a
+    one-output export's head ``[1, 1, C, 1]`` kernel and ``[1]`` bias go to every output
+    channel; an export of a narrower base width (``model``'s divided by a whole number) is
+    widened so that ``model`` starts from the same function
+    (:func:`covidmt_jax.models.unet.widen_tensor`, symmetry-breaking noise seeded by
+    ``seed``). Returns the copied names; raises naming a tensor that cannot fit."""
     from covidmt_jax.export import load_model
+    from covidmt_jax.models.unet import widen_tensor
     src = load_model(directory)
     flat_src = dict(nnx.to_flat_state(nnx.state(src, nnx.Any(nnx.Param, nnx.BatchStat))))
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     flat = dict(nnx.to_flat_state(state))
+    rng = np.random.default_rng(seed)
     copied = []
     for path, var in flat.items():
         if path not in flat_src:
@@ -154,10 +160,10 @@ def init_from_export(model: nnx.Module, directory: str | Path) -> list[str]:
         v = np.asarray(flat_src[path].get_value() if hasattr(flat_src[path], "get_value") else flat_src[path].value)
         want = tuple(var.shape)
         if v.shape != want:
-            if path[0] == "head" and v.shape[-1] == 1:
-                v = np.broadcast_to(v, want).copy()
-            else:
-                raise ValueError(f"{directory}: {'/'.join(map(str, path))} has shape {v.shape}, model {want}")
+            try:
+                v = widen_tensor(path, v, want, rng)
+            except ValueError as err:
+                raise ValueError(f"{directory}: {err} (model {want})") from None
         var.set_value(jnp.asarray(v, var.dtype)) if hasattr(var, "set_value") else setattr(var, "value", jnp.asarray(v))
         copied.append("/".join(map(str, path)))
     nnx.update(model, nnx.from_flat_state(flat))
@@ -348,7 +354,7 @@ def train(cfg, workdir: str | Path, sets: tuple[dict, dict] | None = None) -> di
             log.info("resumed from %s at step %d (best mean val Dice %.4f at step %d)", ckpt.directory, start,
                      best, best_step)
         elif cfg.init:
-            log.info("init from %s: %d tensors", cfg.init, len(init_from_export(model, cfg.init)))
+            log.info("init from %s: %d tensors", cfg.init, len(init_from_export(model, cfg.init, cfg.seed)))
         if start >= cfg.steps:
             return {"best_mean_dice": best, "best_step": best_step, "train_s": elapsed0}
 

@@ -147,6 +147,44 @@ def test_export_convention_slices_one_head(tmp_path):
         lung_segmenter("heart")
 
 
+def test_init_from_a_narrower_export_widens_to_the_same_function_and_breaks_symmetry(tmp_path):
+    import jax
+    import optax
+    from flax import nnx
+    from covidmt_jax.lung_training import init_from_export, masked_convention_loss
+    kw = {"depth": 2, "base_width": 4, "in_channels": 1, "num_classes": 1, "batch_norm": True}
+    narrow = models.create("unet", rngs=5, **kw)
+    narrow.train()  # move the BatchNorm running statistics away from their initial values
+    narrow(np.random.RandomState(1).randn(4, 32, 32, 1).astype(np.float32) * 2 + 1)
+    save_model(tmp_path / "narrow", narrow, name="unet", model_kwargs=kw, metadata={"image_size": 32})
+    wide = models.create("unet", rngs=0, **dict(kw, base_width=8, num_classes=2))
+    names = init_from_export(wide, tmp_path / "narrow", seed=3)
+    assert "dec/0/conv1/kernel" in names and "up/0/kernel" in names
+    x = np.random.RandomState(0).randn(3, 32, 32, 1).astype(np.float32)
+    narrow.eval(), wide.eval()
+    want = np.asarray(narrow(x))[..., 0]
+    got = np.asarray(wide(x))
+    for k in range(2):  # both heads start as the narrow net's single head: the same function
+        np.testing.assert_allclose(got[..., k], want, rtol=1e-4, atol=1e-4)
+    k1 = np.asarray(wide.down[1].conv1.kernel.get_value())  # [3, 3, 8, 16]: inputs copied twice
+    assert not np.allclose(k1[:, :, :4], k1[:, :, 4:])  # the copies' weights differ (zero-sum noise)
+    np.testing.assert_allclose(k1[:, :, :4] + k1[:, :, 4:], np.tile(np.asarray(narrow.down[1].conv1.kernel.get_value()),
+                               (1, 1, 1, 2)), rtol=1e-5, atol=1e-6)
+    # one training step later the duplicated channels have diverged
+    wide.train()
+    opt = nnx.Optimizer(wide, optax.adam(1e-2), wrt=nnx.Param)
+    batch_mask = (np.random.RandomState(2).rand(3, 32, 32) > 0.5).astype(np.float32)
+    conv = np.array([0, 1, 0], np.int32)
+    grads = nnx.grad(lambda m: masked_convention_loss(m(x), batch_mask, conv))(wide)
+    opt.update(wide, grads)
+    k0 = np.asarray(wide.down[0].conv1.kernel.get_value())  # [3, 3, 1, 8]
+    assert not np.allclose(k0[..., :4], k0[..., 4:])
+    assert np.isfinite(np.asarray(jax.tree.leaves(nnx.state(wide))[0])).all()
+    # a width that is not a whole multiple is refused, naming the tensor
+    with pytest.raises(ValueError, match=r"narrow: .*cannot be widened"):
+        init_from_export(models.create("unet", rngs=0, **dict(kw, base_width=6)), tmp_path / "narrow")
+
+
 def test_soup_averages_every_tensor_and_refuses_other_architectures(tmp_path):
     from safetensors.numpy import load_file
     from covidmt_jax.export import average_models

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from covidmt_jax.models.layers import batch_norm, conv2d, conv_general_dilated, max_pool
@@ -80,6 +81,49 @@ class UNet(nnx.Module):
     def predict(self, x: jax.Array) -> jax.Array:
         """``[B, H, W, C] -> [B, H, W]`` lung probabilities."""
         return jax.nn.sigmoid(self(x))[..., 0]
+
+
+def widen_tensor(path: tuple, value: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator,
+                 noise: float = 0.1) -> np.ndarray:
+    """One tensor of a U-Net widened to ``shape`` so that the wider network computes the same
+    function (Net2WiderNet, Chen, Goodfellow & Shlens 2016): every channel of the narrow net
+    becomes ``k`` identical channels (``k`` = the width factor).
+
+    - vectors (bias, BatchNorm scale/bias/mean/var) ``[C] -> [k C]``: tiled;
+    - conv and transposed-conv kernels ``[kh, kw, Cin, Cout]``: output channels tiled; input
+      channels tiled and divided by ``k`` (each input now arrives ``k`` times), per input
+      segment (a decoder's first conv reads ``concat(upsampled, skip)``: two segments). The
+      ``k`` copies of an input weight get noise that sums to zero over the copies, so the
+      function is unchanged while the copies' gradients differ (identical copies would stay
+      identical under training). ``noise``: its std as a fraction of the kernel's std.
+
+    Channel ``j`` of a widened layer copies channel ``j mod C`` of the narrow one. The 1x1
+    head's single output is broadcast to every class, as when a one-output export starts a
+    multi-output net. Raises ``ValueError`` naming the tensor when ``shape`` is not a
+    whole-number widening of ``value``'s.
+    """
+    name = "/".join(map(str, path))
+    v = np.asarray(value, np.float32)
+    if v.ndim != len(shape) or any(n % o for o, n in zip(v.shape, shape)):
+        raise ValueError(f"{name}: shape {v.shape} cannot be widened to {tuple(shape)}")
+    if v.ndim == 1:
+        return np.tile(v, shape[0] // v.shape[0])
+    if v.ndim != 4 or v.shape[:2] != tuple(shape[:2]):
+        raise ValueError(f"{name}: shape {v.shape} cannot be widened to {tuple(shape)}")
+    kin = shape[2] // v.shape[2]
+    if kin > 1:
+        segments = 2 if path[0] == "dec" and path[-2] == "conv1" else 1
+        if v.shape[2] % segments:
+            raise ValueError(f"{name}: {v.shape[2]} input channels do not split into {segments} segments")
+        std = float(v.std()) * noise
+        parts = []
+        for seg in np.split(v, segments, axis=2):  # [kh, kw, c, Cout]
+            copies = np.repeat(seg[:, :, None] / kin, kin, axis=2)  # [kh, kw, k, c, Cout]
+            eps = rng.normal(0.0, std / kin, copies.shape).astype(np.float32) if std > 0 else 0.0
+            copies = copies + (eps - np.mean(eps, axis=2, keepdims=True))
+            parts.append(copies.reshape(seg.shape[:2] + (kin * seg.shape[2], seg.shape[3])))
+        v = np.concatenate(parts, axis=2)
+    return np.tile(v, (1, 1, 1, shape[3] // v.shape[3]))
 
 
 @register("unet")
