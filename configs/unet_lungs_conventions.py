@@ -6,7 +6,9 @@ Arguments (``--config FILE:k=v,...``): ``root`` (data root holding ``lungs_mc_sz
 ``lungs_diseased/``), ``image_size``, ``width``, ``resize`` (squash | letterbox | both: non-square films in both forms), ``steps``,
 ``lr``, ``batch``, ``init`` (an exported U-Net to start from; one of a narrower width, e.g. the
 width-8 default with ``width=16``, is widened to compute the same function; ``none`` = random init),
-``eval_every``, ``checkpoint_every``, ``seed``. Rerunning with the same ``--workdir`` resumes.
+``eval_every``, ``checkpoint_every``, ``seed``, and ``aug_<field>`` for any probability of
+:class:`covidmt_jax.data.lung_augment.LungAugment` (e.g. ``aug_p_opacity=0.8``).
+Rerunning with the same ``--workdir`` resumes.
 Defaults: fine-tune the shipped fields U-Net (width 8, 256 px) for 1,500 steps of batch 8;
 non-square films (the anatomical set) are trained squashed and letterboxed, and val Dice is
 measured both ways to choose the inference policy.
@@ -23,7 +25,7 @@ KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init"
 
 def get_config(arg=None):
     opts = parse_arg(arg)
-    unknown = set(opts) - KNOWN
+    unknown = {k for k in opts if not k.startswith("aug_")} - KNOWN
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
     c = ml_collections.ConfigDict()
@@ -45,4 +47,6 @@ def get_config(arg=None):
     c.eval_every = int(opts.get("eval_every", 250))
     c.checkpoint_every = int(opts.get("checkpoint_every", 50))  # and after every evaluation
     c.log_every = 10
+    # LungAugment probabilities that differ from its defaults (checked when training starts)
+    c.augment = {k[len("aug_"):]: float(v) for k, v in opts.items() if k.startswith("aug_")}
     return c

@@ -28,6 +28,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import queue
@@ -298,10 +299,23 @@ def load_sets(cfg) -> tuple[dict[str, dict], dict[str, dict]]:
 RUN_FIELDS = ("sets", "weights", "image_size", "width", "resize", "steps", "lr", "batch_size", "init", "seed")
 
 
+def augment_from_config(cfg) -> LungAugment:
+    """The run's :class:`LungAugment`: its defaults with ``cfg.augment``'s overrides
+    (``{field: probability}``); an unknown field is refused, naming the known ones."""
+    over = dict(cfg.get("augment") or {})
+    known = [f.name for f in dataclasses.fields(LungAugment)]
+    unknown = sorted(set(over) - set(known))
+    if unknown:
+        raise ValueError(f"config.augment: unknown key(s) {unknown}; known: {known}")
+    return LungAugment(**{k: float(v) for k, v in over.items()})
+
+
 def _run_config(cfg) -> dict[str, Any]:
     def plain(v):
         return {k: plain(x) for k, x in v.items()} if hasattr(v, "items") else v
-    return json.loads(json.dumps(jsonable({k: plain(cfg[k]) for k in RUN_FIELDS})))
+    out = {k: plain(cfg[k]) for k in RUN_FIELDS}
+    out["augment"] = dataclasses.asdict(augment_from_config(cfg))
+    return json.loads(json.dumps(jsonable(out)))
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -321,7 +335,7 @@ def train(cfg, workdir: str | Path, sets: tuple[dict, dict] | None = None) -> di
     ``WORKDIR/checkpoints`` (orbax) every ``cfg.checkpoint_every`` steps and after every
     evaluation; a rerun with the same workdir resumes from the latest checkpoint and, because
     batch ``i`` depends only on ``(seed, i)``, continues as the uninterrupted run would. A
-    workdir holding a run of other settings (:data:`RUN_FIELDS`) is refused, naming them.
+    workdir holding a run of other settings (:data:`RUN_FIELDS`, augmentation) is refused, naming them.
     A non-finite loss stops the run naming the step; the last checkpoint stays intact.
     """
     from covidmt_jax import models
@@ -342,11 +356,13 @@ def train(cfg, workdir: str | Path, sets: tuple[dict, dict] | None = None) -> di
     try:
         if ckpt.latest_step() is not None:
             restored, _, meta = ckpt.restore(nnx.state((model, optimizer)))
-            differ = sorted(k for k in RUN_FIELDS if meta["config"].get(k) != run_config.get(k))
+            saved = dict(meta["config"])
+            saved.setdefault("augment", dataclasses.asdict(LungAugment()))  # runs from before the key
+            differ = sorted(k for k in run_config if saved.get(k) != run_config[k])
             if differ:
                 raise ValueError(
                     f"{workdir} holds a lung training run with other settings ({', '.join(differ)}: "
-                    f"{ {k: meta['config'].get(k) for k in differ} } there, { {k: run_config[k] for k in differ} } "
+                    f"{ {k: saved.get(k) for k in differ} } there, { {k: run_config[k] for k in differ} } "
                     f"now); use a new --workdir, or the same settings to resume")
             nnx.update((model, optimizer), restored)
             start, best, best_step, elapsed0 = meta["step"], meta["best"], meta["best_step"], meta["elapsed_s"]
@@ -371,7 +387,8 @@ def train(cfg, workdir: str | Path, sets: tuple[dict, dict] | None = None) -> di
             optimizer.update(model, grads)
             return loss
 
-        stream = BatchStream(train_sets, dict(cfg.weights), cfg.batch_size, LungAugment(), cfg.seed, start=start + 1)
+        stream = BatchStream(train_sets, dict(cfg.weights), cfg.batch_size, augment_from_config(cfg), cfg.seed,
+                             start=start + 1)
         policies = RESIZE_POLICIES if cfg.resize == "both" else (cfg.resize,)
         meta = {"image_size": int(cfg.image_size), "outputs": list(CONVENTIONS), "resize": policies[0],
                 "trained_resize": cfg.resize,

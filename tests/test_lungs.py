@@ -356,6 +356,10 @@ def test_lung_training_resumes_as_if_never_interrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(lt.log, "info", real_info)
     with pytest.raises(ValueError, match=r"other settings \(lr"):
         lt.train(_lung_run_config(lr=2e-3), tmp_path / "killed", sets=sets)
+    with pytest.raises(ValueError, match=r"other settings \(augment"):
+        lt.train(_lung_run_config(augment={"p_opacity": 0.9}), tmp_path / "killed", sets=sets)
+    with pytest.raises(ValueError, match=r"config.augment: unknown key\(s\) \['p_opacty'\]"):
+        lt.train(_lung_run_config(augment={"p_opacty": 0.9}), tmp_path / "other", sets=sets)
     resumed = lt.train(_lung_run_config(), tmp_path / "killed", sets=sets)
 
     assert resumed["best_step"] == ref["best_step"]
