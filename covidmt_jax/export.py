@@ -116,13 +116,15 @@ def average_models(directories: list[str | os.PathLike], out: str | os.PathLike,
     specs = [read_spec(d) for d in directories]
     first = specs[0]
     total: dict[str, np.ndarray] = {}
+    model = None  # the first member, which then holds the mean
     for d, spec in zip(directories, specs):
         if (spec["name"], spec["model_kwargs"]) != (first["name"], first["model_kwargs"]):
             raise ValueError(f"{d}: a {spec['name']} with {spec['model_kwargs']}, but {directories[0]} holds a "
                              f"{first['name']} with {first['model_kwargs']}; only the same architecture averages")
-        for k, v in _flat_arrays(load_model(d)).items():
+        member = load_model(d)
+        model = model or member
+        for k, v in _flat_arrays(member).items():
             total[k] = total.get(k, 0.0) + v.astype(np.float64)
-    model = load_model(directories[0])
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
         var[...] = jnp.asarray(total["/".join(map(str, path))] / len(directories), var[...].dtype)
     meta = {k: v for k, v in first.get("metadata", {}).items() if k not in _ONE_RUN_KEYS}

@@ -180,6 +180,10 @@ def test_init_from_a_narrower_export_widens_to_the_same_function_and_breaks_symm
     k0 = np.asarray(wide.down[0].conv1.kernel.get_value())  # [3, 3, 1, 8]
     assert not np.allclose(k0[..., :4], k0[..., 4:])
     assert np.isfinite(np.asarray(jax.tree.leaves(nnx.state(wide))[0])).all()
+    # an all-zero kernel widens to zeros (no noise to split)
+    from covidmt_jax.models.unet import widen_tensor
+    z = widen_tensor(("dec", 0, "conv1", "kernel"), np.zeros((3, 3, 8, 4)), (3, 3, 16, 8), np.random.default_rng(0))
+    assert z.shape == (3, 3, 16, 8) and not z.any()
     # a width that is not a whole multiple is refused, naming the tensor
     with pytest.raises(ValueError, match=r"narrow: .*cannot be widened"):
         init_from_export(models.create("unet", rngs=0, **dict(kw, base_width=6)), tmp_path / "narrow")

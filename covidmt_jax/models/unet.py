@@ -119,7 +119,7 @@ def widen_tensor(path: tuple, value: np.ndarray, shape: tuple[int, ...], rng: np
         parts = []
         for seg in np.split(v, segments, axis=2):  # [kh, kw, c, Cout]
             copies = np.repeat(seg[:, :, None] / kin, kin, axis=2)  # [kh, kw, k, c, Cout]
-            eps = rng.normal(0.0, std / kin, copies.shape).astype(np.float32) if std > 0 else 0.0
+            eps = rng.normal(0.0, std / kin, copies.shape).astype(np.float32)
             copies = copies + (eps - np.mean(eps, axis=2, keepdims=True))
             parts.append(copies.reshape(seg.shape[:2] + (kin * seg.shape[2], seg.shape[3])))
         v = np.concatenate(parts, axis=2)
