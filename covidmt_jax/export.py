@@ -122,7 +122,8 @@ def average_models(directories: list[str | os.PathLike], out: str | os.PathLike,
             raise ValueError(f"{d}: a {spec['name']} with {spec['model_kwargs']}, but {directories[0]} holds a "
                              f"{first['name']} with {first['model_kwargs']}; only the same architecture averages")
         member = load_model(d)
-        model = model or member
+        if model is None:
+            model = member
         for k, v in _flat_arrays(member).items():
             total[k] = total.get(k, 0.0) + v.astype(np.float64)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))):
