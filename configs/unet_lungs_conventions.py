@@ -6,7 +6,10 @@ Arguments (``--config FILE:k=v,...``): ``root`` (data root holding ``lungs_mc_sz
 ``lungs_diseased/``), ``image_size``, ``width``, ``resize`` (squash | letterbox | both: non-square films in both forms), ``steps``,
 ``lr``, ``batch``, ``init`` (an exported U-Net to start from; one of a narrower width, e.g. the
 width-8 default with ``width=16``, is widened to compute the same function; ``none`` = random init),
-``eval_every``, ``checkpoint_every``, ``seed``, and ``aug_<field>`` for any probability of
+``eval_every``, ``checkpoint_every``, ``seed``, ``sets`` (a ``+``-separated subset of the four
+sets, e.g. ``sets=v7_covid_anatomical`` trains the anatomical head alone; the chosen sets keep
+their draw weights, renormalised; a convention with no set leaves its head untrained), and
+``aug_<field>`` for any probability of
 :class:`covidmt_jax.data.lung_augment.LungAugment` (e.g. ``aug_p_opacity=0.8``).
 Rerunning with the same ``--workdir`` resumes.
 Defaults: fine-tune the shipped fields U-Net (width 8, 256 px) for 1,500 steps of batch 8;
@@ -20,7 +23,9 @@ import ml_collections
 from covidmt_jax.config_lib import parse_arg
 
 SHIPPED_FIELDS = str(Path(__file__).resolve().parents[1] / "covidmt_jax" / "assets" / "lung_unet")
-KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "checkpoint_every", "seed"}
+KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "checkpoint_every", "seed",
+         "sets"}
+ALL_SETS = ("lungs_mc_sz_512", "v7_covid_anatomical", "quex_covid_fields", "quex_pneumonia_normal_fields")
 
 
 def get_config(arg=None):
@@ -30,11 +35,17 @@ def get_config(arg=None):
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
     c = ml_collections.ConfigDict()
     c.data_root = opts.get("root", "../shared/data")
-    c.sets = ("lungs_mc_sz_512", "v7_covid_anatomical", "quex_covid_fields", "quex_pneumonia_normal_fields")
+    sets = tuple(filter(None, opts.get("sets", "+".join(ALL_SETS)).split("+")))
+    bad = sorted(set(sets) - set(ALL_SETS))
+    if bad or not sets or len(set(sets)) != len(sets):
+        raise ValueError(f"config argument sets={opts.get('sets')!r}: unknown, repeated or no set name(s) {bad}; "
+                         f"known: {list(ALL_SETS)}, joined with '+'")
+    c.sets = tuple(s for s in ALL_SETS if s in sets)
     # draw probability of each set per sample: the 235 anatomical training films are a third
     # of the samples, so the anatomical head trains as often as the fields head's main sets.
-    c.weights = {"lungs_mc_sz_512": 0.25, "v7_covid_anatomical": 0.3, "quex_covid_fields": 0.1,
-                 "quex_pneumonia_normal_fields": 0.35}
+    weights = {"lungs_mc_sz_512": 0.25, "v7_covid_anatomical": 0.3, "quex_covid_fields": 0.1,
+               "quex_pneumonia_normal_fields": 0.35}
+    c.weights = {s: weights[s] for s in c.sets}
     c.image_size = int(opts.get("image_size", 256))
     c.width = int(opts.get("width", 8))
     c.resize = opts.get("resize", "both")

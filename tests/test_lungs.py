@@ -378,6 +378,38 @@ def test_lung_training_resumes_as_if_never_interrupted(tmp_path, monkeypatch):
     assert again["best_step"] == ref["best_step"]
 
 
+def test_lung_config_trains_a_subset_of_sets_and_refuses_unknown_names(tmp_path):
+    """``sets=`` picks the sets (their draw weights kept); training one convention's set only
+    leaves the other head as it started."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from covidmt_jax import lung_training as lt
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "unet_lungs_conventions.py")
+    full = lt.load_config(config)
+    assert len(full.sets) == 4 and set(full.weights) == set(full.sets)
+    one = lt.load_config(config + ":sets=v7_covid_anatomical")
+    assert one.sets == ("v7_covid_anatomical",) and dict(one.weights) == {"v7_covid_anatomical": 0.3}
+    two = lt.load_config(config + ":sets=quex_covid_fields+lungs_mc_sz_512")
+    assert two.sets == ("lungs_mc_sz_512", "quex_covid_fields")
+    for bad in ("v7", "lungs_mc_sz_512+lungs_mc_sz_512", "+"):
+        with pytest.raises(ValueError, match="known: .*joined with '\\+'"):
+            lt.load_config(config + ":sets=" + bad)
+
+    train, val = _tiny_lung_sets()
+    cfg = _lung_run_config(sets=("b",), weights={"b": 1.0}, steps=3, eval_every=3)
+    lt.train(cfg, tmp_path, sets=({"b": train["b"]}, {"b": val["b"]}))
+    start = models.create("unet", rngs=nnx.Rngs(0), depth=4, base_width=2, batch_norm=True, num_classes=2,
+                          in_channels=1)  # what train() builds from seed 0 with no init
+    save_model(tmp_path / "start", start, name="unet", model_kwargs={})
+    init = load_file(str(tmp_path / "start" / "params.safetensors"))
+    trained = _checkpoint_params(tmp_path)
+    head = next(k for k in trained if k.startswith("head") and k.endswith("kernel"))
+    k0 = init[head]
+    np.testing.assert_array_equal(trained[head][..., 0], k0[..., 0])  # fields head: no fields set
+    assert not np.array_equal(trained[head][..., 1], k0[..., 1])
+
+
 def test_lung_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
     from covidmt_jax import lung_training as lt
     from covidmt_jax.checkpoint import TrainCheckpointer
