@@ -25,7 +25,11 @@ from covidmt_jax.config_lib import parse_arg
 SHIPPED_FIELDS = str(Path(__file__).resolve().parents[1] / "covidmt_jax" / "assets" / "lung_unet")
 KNOWN = {"root", "image_size", "width", "resize", "steps", "lr", "batch", "init", "eval_every", "checkpoint_every", "seed",
          "sets"}
-ALL_SETS = ("lungs_mc_sz_512", "v7_covid_anatomical", "quex_covid_fields", "quex_pneumonia_normal_fields")
+# draw probability of each set per sample: the 235 anatomical training films are a third of
+# the samples, so the anatomical head trains as often as the fields head's main sets.
+WEIGHTS = {"lungs_mc_sz_512": 0.25, "v7_covid_anatomical": 0.3, "quex_covid_fields": 0.1,
+           "quex_pneumonia_normal_fields": 0.35}
+ALL_SETS = tuple(WEIGHTS)
 
 
 def get_config(arg=None):
@@ -41,11 +45,7 @@ def get_config(arg=None):
         raise ValueError(f"config argument sets={opts.get('sets')!r}: unknown, repeated or no set name(s) {bad}; "
                          f"known: {list(ALL_SETS)}, joined with '+'")
     c.sets = tuple(s for s in ALL_SETS if s in sets)
-    # draw probability of each set per sample: the 235 anatomical training films are a third
-    # of the samples, so the anatomical head trains as often as the fields head's main sets.
-    weights = {"lungs_mc_sz_512": 0.25, "v7_covid_anatomical": 0.3, "quex_covid_fields": 0.1,
-               "quex_pneumonia_normal_fields": 0.35}
-    c.weights = {s: weights[s] for s in c.sets}
+    c.weights = {s: WEIGHTS[s] for s in c.sets}
     c.image_size = int(opts.get("image_size", 256))
     c.width = int(opts.get("width", 8))
     c.resize = opts.get("resize", "both")

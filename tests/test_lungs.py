@@ -385,9 +385,10 @@ def test_lung_config_trains_a_subset_of_sets_and_refuses_unknown_names(tmp_path)
     from safetensors.numpy import load_file
 
     from covidmt_jax import lung_training as lt
+    from covidmt_jax.data.splits import SOURCES
     config = str(Path(__file__).resolve().parents[1] / "configs" / "unet_lungs_conventions.py")
     full = lt.load_config(config)
-    assert len(full.sets) == 4 and set(full.weights) == set(full.sets)
+    assert set(full.sets) == set(SOURCES) and set(full.weights) == set(full.sets)
     one = lt.load_config(config + ":sets=v7_covid_anatomical")
     assert one.sets == ("v7_covid_anatomical",) and dict(one.weights) == {"v7_covid_anatomical": 0.3}
     two = lt.load_config(config + ":sets=quex_covid_fields+lungs_mc_sz_512")
