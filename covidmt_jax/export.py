@@ -75,10 +75,10 @@ def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx
     from covidmt_jax import models
     directory = Path(directory)
     spec = read_spec(directory)
-    model = models.create(spec["name"], dtype=dtype, **spec["model_kwargs"])
     params_path = directory / "params.safetensors"
     if not params_path.is_file():
         raise FileNotFoundError(f"{params_path}: parameter file missing")
+    model = models.create_unfilled(spec["name"], dtype=dtype, **spec["model_kwargs"])  # filled below
     with safe_open(str(params_path), framework="numpy") as f:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
@@ -91,8 +91,8 @@ def load_model(directory: str | os.PathLike, *, dtype: Any = jnp.float32) -> nnx
         raise ValueError(f"{params_path}: does not fit {spec['name']} "
                          f"(missing {missing}, unexpected {extra}, mis-shaped {bad})")
     for k, var in expected.items():
-        var[...] = jnp.asarray(stored[k], var[...].dtype)
-    return model
+        var.set_value(jnp.asarray(stored[k], var.get_value().dtype))
+    return models.check_filled(model, str(params_path))
 
 
 #: metadata of an export that describes its own training run, moved per member by average_models

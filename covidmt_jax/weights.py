@@ -225,4 +225,4 @@ def _assign(model: nnx.Module, values: list[tuple[tuple, np.ndarray]]) -> None:
         for k in p[:-1]:
             node = _child(node, k)
         var = getattr(node, p[-1])
-        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
+        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))  # a shape-only value too

@@ -346,8 +346,9 @@ def load(arch: str, path: str | os.PathLike, *, weights: str | None = None, reso
     if len(labels) != n_out or (thresholds is not None and thresholds.shape != (n_out,)):
         raise WeightImportError(f"{path}: {n_out} outputs, but {len(labels)} labels / thresholds of shape "
                                 f"{None if thresholds is None else thresholds.shape}")
-    net = models.create(arch, num_classes=n_out, in_channels=1, dtype=dtype)
-    load_torch_weights(net, sd, source="xrv")
+    net = models.create_unfilled(arch, num_classes=n_out, in_channels=1, dtype=dtype)
+    load_torch_weights(net, sd, source="xrv", strict=True)  # writes every tensor, or raises
+    models.check_filled(net, str(path))
     return XrvClassifier(net, arch=arch, labels=labels, op_threshs=thresholds,
                          resolution=resolution or ARCHS[arch], input_scale=input_scale)
 

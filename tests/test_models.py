@@ -139,6 +139,39 @@ def test_covidmt_outputs_follow_tasks(n_tasks):
     assert m.pool_and_classify(m.features(x)["last_conv"]).shape == (2, len(m.classification_tasks))
 
 
+def test_create_unfilled_holds_shapes_only_until_a_loader_fills_every_weight(tmp_path):
+    """Loaders (exports, torch/xrv weights) build the model with ``create_unfilled``: every
+    parameter and BatchNorm statistic is a shape only, other state (VGG's dropout RNG) is what
+    ``create`` makes; ``check_filled`` names what was left unwritten; an export loads back to
+    the same function, dropout key included (an export stores no seed: create's default)."""
+    from covidmt_jax.export import load_model, save_model
+    kw = {"num_classes": 3, "hidden": 16}
+    ref = models.create("vgg19", rngs=7, **kw)
+    empty = models.create_unfilled("vgg19", rngs=7, **kw)
+    weights = nnx.to_flat_state(nnx.state(empty, models.registry.WEIGHTS))
+    assert len(weights) == len(nnx.to_flat_state(nnx.state(ref, models.registry.WEIGHTS))) > 30
+    assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for _, v in weights)
+    rest_e, rest_r = (jax.tree.leaves(nnx.state(m, nnx.Not(models.registry.WEIGHTS))) for m in (empty, ref))
+    assert len(rest_e) == len(rest_r) == 2  # the dropout stream's key and count: concrete, equal
+    for a, b in zip(rest_e, rest_r):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"where: 38 variable\(s\) of the model were not loaded: convs/0/bias"):
+        models.check_filled(empty, "where")
+    ref = models.create("vgg19", **kw)  # an export keeps no seed: it loads with create's default
+    save_model(tmp_path / "m", ref, name="vgg19", model_kwargs=kw)
+    back = load_model(tmp_path / "m")
+    assert models.check_filled(back, "x") is back
+    x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 1))
+    np.testing.assert_array_equal(np.asarray(back(x)), np.asarray(ref(x)))
+    inference = np.asarray(ref(x))
+    back.train(), ref.train()  # dropout on: the same key draws the same masks
+    dropped = np.asarray(back(x))
+    np.testing.assert_array_equal(dropped, np.asarray(ref(x)))
+    assert not np.array_equal(dropped, inference)
+
+
 def test_box_head_group_norm_normalises_each_hidden_conv_and_round_trips(tmp_path):
     """``box_head_norm="group"``: GroupNorm after every hidden conv of both subnets, so each
     hidden activation has, per image and group, mean 0 and variance 1 before the ReLU whatever

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -59,3 +60,34 @@ def create(name: str, *, num_classes: int = 1, in_channels: int = 1, dtype: Any 
         rngs = nnx.Rngs(int(rngs))
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels,
                            dtype=_as_dtype(dtype), rngs=rngs, **model_specific)
+
+
+#: the variables a weight file holds: what :func:`create_unfilled` leaves as shapes only
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def create_unfilled(name: str, **kwargs: Any) -> nnx.Module:
+    """:func:`create` (same arguments) for a loader that then writes every parameter and
+    BatchNorm statistic from a file: those variables hold only their shape and dtype
+    (``jax.ShapeDtypeStruct``, from ``nnx.eval_shape``), so no random initialiser is compiled
+    or run. Other state (e.g. dropout's RNG key) is computed as :func:`create` would.
+
+    Write each variable with ``var.set_value(array)``, then call :func:`check_filled`.
+    """
+    build = lambda: create(name, **kwargs)  # noqa: E731
+    graphdef, weights, rest = nnx.split(nnx.eval_shape(build), WEIGHTS, ...)
+    if jax.tree.leaves(rest):
+        # only the non-weight state is returned, so XLA drops the initialisers' work
+        rest = jax.jit(lambda: nnx.split(build(), WEIGHTS, ...)[2])()
+    return nnx.merge(graphdef, weights, rest)
+
+
+def check_filled(model: nnx.Module, where: str) -> nnx.Module:
+    """Raise ``ValueError`` naming ``where`` and the variables a loader left unwritten in a
+    model from :func:`create_unfilled`; returns the model."""
+    empty = ["/".join(map(str, path)) for path, var in nnx.to_flat_state(nnx.state(model))
+             if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if empty:
+        raise ValueError(f"{where}: {len(empty)} variable(s) of the model were not loaded: "
+                         f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}")
+    return model

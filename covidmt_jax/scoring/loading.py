@@ -87,10 +87,10 @@ def _load_export(entry: ml_collections.ConfigDict, dtype: Any) -> nnx.Module:
 
 
 def _load_torch(entry: ml_collections.ConfigDict, dtype: Any) -> nnx.Module:
-    model = models.create(entry.model, num_classes=int(entry.num_classes),
-                          in_channels=int(entry.in_channels), dtype=dtype)
-    load_torch_weights(model, entry.path, source=entry.source, strict=True)
-    return model
+    model = models.create_unfilled(entry.model, num_classes=int(entry.num_classes),
+                                   in_channels=int(entry.in_channels), dtype=dtype)
+    load_torch_weights(model, entry.path, source=entry.source, strict=True)  # every tensor, or raises
+    return models.check_filled(model, str(entry.path))
 
 
 def _check_torch(name: str, entry: ml_collections.ConfigDict) -> None:
