@@ -127,6 +127,29 @@ def test_safetensors_needs_no_torch_and_round_trips(tmp_path):
     np.testing.assert_allclose(jm(x), ref(x), rtol=1e-6, atol=1e-6)
 
 
+def test_scoring_torch_classifier_is_the_files_weights_and_refuses_a_short_file(tmp_path):
+    """The scoring job's ``kind="torch"`` entry: the model is built without random weights and
+    every tensor comes from the file (the same function as the model that wrote it); a file
+    that lacks one tensor is refused, naming the file and the key."""
+    from safetensors.numpy import save_file
+    from covidmt_jax.scoring import loading
+    from covidmt_jax.scoring.config import classifier_entry
+    ref, sd = _numpy_resnet18_state(num_classes=2)
+    save_file(sd, str(tmp_path / "r18.safetensors"))
+
+    def entry(name):
+        return classifier_entry("torch", tmp_path / name, model="resnet18", num_classes=2,
+                                in_channels=3, covid_index=1).to_dict()
+    model, head = loading.load_classifier("r18", entry("r18.safetensors"), default_threshold=0.5)
+    assert (head.column, head.in_channels, head.threshold) == (1, 3, 0.5)
+    x = jnp.asarray(np.random.RandomState(0).rand(2, 40, 40, 3), jnp.float32)
+    np.testing.assert_allclose(model(x), ref(x), rtol=1e-6, atol=1e-6)
+    del sd["layer1.0.bn1.running_var"]
+    save_file(sd, str(tmp_path / "short.safetensors"))
+    with pytest.raises(WeightImportError, match=r"short\.safetensors: .*\n  1 missing:\n    layer1\.0\.bn1\.running_var"):
+        loading.load_classifier("r18", entry("short.safetensors"), default_threshold=0.5)
+
+
 def test_mismatch_lists_every_missing_unexpected_and_misshaped_key():
     _, sd = _numpy_resnet18_state()
     del sd["layer1.0.conv1.weight"]
