@@ -194,3 +194,28 @@ def test_vjp_arm_swaps_the_differentiation_rule_only(paired):
         for g, r in zip(got, ref):
             np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-3 * float(jnp.abs(r).max()), err_msg=name)
     jax.jvp(lambda w: f(x, w), (w,), (w,))  # the package's custom_jvp is back
+
+
+# ----------------------------------------------------------------------------- model_load.py
+
+@pytest.mark.torch
+def test_model_load_benchmark_fills_every_tensor_in_child_processes_and_tabulates(tmp_path):
+    load = load_script("model_load")
+    rows = load.run(["resnet18"], ["jax unfilled+load", "torch"], 1, tmp_path)
+    assert [(r["model"], r["method"], r["rounds"]) for r in rows] == [
+        ("resnet18", "jax unfilled+load", 1), ("resnet18", "torch", 1)]
+    assert all(0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
+    table = load.format_table(rows).splitlines()
+    assert len(table) == 4 and table[2].startswith("| resnet18 | jax unfilled+load | ") and table[3].endswith(" 1.0x |")
+    # a child that cannot fill the model fails the row, with the child's error
+    short = tmp_path / "short.safetensors"
+    from safetensors.numpy import load_file, save_file
+    sd = load_file(str(tmp_path / "resnet18.safetensors"))
+    del sd["fc.bias"]
+    save_file(sd, str(short))
+    with pytest.raises(RuntimeError, match=r"(?s)jax unfilled\+load resnet18: child failed.*1 missing:\n    fc\.bias"):
+        load.measure("jax unfilled+load", "resnet18", short)
+    args = load.parse_args(["--frameworks", "jax", "--models", "resnet50,densenet121"])
+    assert args.methods == ["jax create+load", "jax unfilled+load"] and args.models == ["resnet50", "densenet121"]
+    with pytest.raises(SystemExit):
+        load.parse_args(["--frameworks", "tf"])
