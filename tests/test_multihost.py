@@ -12,7 +12,6 @@ joined through ``jax.distributed`` (coordinator on localhost, gloo collectives),
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -26,23 +25,12 @@ import numpy as np
 from covidmt_jax.cpu_malloc import MALLOC_ENV
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 BASE_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **MALLOC_ENV}
 for _k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
            "TPU_WORKER_HOSTNAMES", "COVIDMT_MULTIHOST"):
     BASE_ENV.pop(_k, None)
-
-
-@pytest.fixture(autouse=True)
-def _one_multi_process_test_at_a_time(tmp_path_factory):
-    """These tests run one at a time, across xdist workers too (a lock file in the run's shared
-    temporary folder): their JAX processes meet in gloo collectives whose set-up times out after
-    30 s, and two multi-process tests at once on a 2-core machine held a process back longer."""
-    with open(tmp_path_factory.getbasetemp().parent / "multihost-tests.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _free_port() -> int:
