@@ -3,7 +3,9 @@
 - ``maybe_initialize_distributed()`` calls ``jax.distributed.initialize()`` when the process
   is one of several (SLURM with more than one task, a multi-worker Cloud TPU VM, or an
   explicit ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID``); on one
-  host it does nothing.
+  host it does nothing. On CPU processes with a JAX version whose persistent compilation cache
+  hangs multi-process programs (``CPU_MULTIPROCESS_CACHE_HANGS``) it turns that cache off for
+  the run, with a warning.
 - ``make_mesh(model_axis=1)``: a ``Mesh`` over all devices with axes ``("data", "model")``.
 - Batches are sharded over ``"data"``; parameters and optimiser state are replicated, or,
   with ``model_axis > 1``, sharded along their largest dimension divisible by it
@@ -26,6 +28,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
+# JAX versions (``jax.__version_info__``) from which an XLA:CPU program with cross-process
+# collectives, once read back from the persistent compilation cache, never completes in a
+# multi-process run: every process waits on the first result forever. Measured with 2
+# processes x 2 CPU devices (gloo collectives) on a warm cache: jax 0.12.1 hangs; 0.10.2,
+# 0.11.2 and 0.12.0.1 do not. No fixed release is known, so every later version is treated
+# as affected. GPU and TPU runs are not touched (not measured).
+CPU_MULTIPROCESS_CACHE_HANGS = (0, 12, 1)
+
 
 def _multi_process_env() -> bool:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COVIDMT_MULTIHOST") == "1":
@@ -41,6 +51,7 @@ def maybe_initialize_distributed() -> bool:
     if not _multi_process_env():
         return False
     if jax.distributed.is_initialized():
+        _avoid_cache_hang()
         return True
     # SLURM and Cloud TPU are auto-detected; elsewhere JAX_COORDINATOR_ADDRESS (host:port of
     # process 0) with JAX_NUM_PROCESSES and JAX_PROCESS_ID name the processes.
@@ -50,7 +61,29 @@ def maybe_initialize_distributed() -> bool:
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    _avoid_cache_hang()
     return True
+
+
+def compilation_cache_hangs(version: tuple, backend: str, process_count: int) -> bool:
+    """Whether reading programs back from the persistent compilation cache would hang this run
+    (see ``CPU_MULTIPROCESS_CACHE_HANGS``): CPU, several processes, an affected JAX."""
+    return backend == "cpu" and process_count > 1 and tuple(version) >= CPU_MULTIPROCESS_CACHE_HANGS
+
+
+def _avoid_cache_hang() -> None:
+    """Turn the persistent compilation cache off, with a warning, where it would hang the run."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    if not cache_dir or not compilation_cache_hangs(jax.__version_info__, jax.default_backend(),
+                                                    jax.process_count()):
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    logging.warning(
+        "persistent compilation cache %s turned off for this run: with jax %s on CPU, a "
+        "multi-process program read back from it never completes (covidmt_jax.parallel."
+        "CPU_MULTIPROCESS_CACHE_HANGS); every program is compiled afresh", cache_dir, jax.__version__)
 
 
 def make_mesh(model_axis: int = 1, devices=None) -> Mesh:

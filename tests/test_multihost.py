@@ -40,9 +40,10 @@ def _free_port() -> int:
 
 
 def _run_processes(script: Path, n_proc: int, devices_per_proc: int, args: list[str],
-                   timeout: int = 600) -> list[subprocess.CompletedProcess]:
+                   timeout: int = 600, extra_env: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Run ``script`` as ``n_proc`` JAX processes (1 = a plain single process)."""
-    env = {**BASE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_proc}"}
+    env = {**BASE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_proc}",
+           **(extra_env or {})}
     if n_proc > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(n_proc))
     procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, text=True,
@@ -167,3 +168,50 @@ def test_trainer_runs_and_resumes_in_two_processes(tmp_path):
     assert "resumed from" in second[0].stderr
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.INFO)
+    import jax, jax.numpy as jnp, numpy as np
+    from covidmt_jax import parallel
+    assert parallel.maybe_initialize_distributed()
+    pid = jax.process_index()
+    mesh = parallel.make_mesh(1)
+    x = parallel.global_batch({"x": np.arange(4, dtype=np.float32)[2 * pid:2 * pid + 2]},
+                              parallel.data_sharding(mesh))["x"]
+    total = jax.jit(lambda a: jnp.sum(a * a))(x)  # a reduction across both processes
+    print("RESULT " + json.dumps({"total": float(total),
+                                  "cache_on": bool(jax.config.jax_compilation_cache_dir)}))
+""")
+
+
+def test_a_warm_compilation_cache_never_hangs_a_multi_process_cpu_run(tmp_path):
+    """Two launches of a 2-process run on one persistent compilation cache: the second reads
+    its programs back (or, on a JAX in ``CPU_MULTIPROCESS_CACHE_HANGS``, runs with the cache
+    turned off, saying so) and completes; jax 0.12.1 hung here forever without the guard."""
+    import jax
+
+    from covidmt_jax import parallel
+    script = tmp_path / "cache.py"
+    script.write_text(CACHE_SCRIPT)
+    cache = tmp_path / "xla_cache"
+    affected = parallel.compilation_cache_hangs(jax.__version_info__, "cpu", 2)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for launch in range(2):
+        procs = _run_processes(script, 2, 2, [], timeout=240, extra_env=env)
+        res = [_result(p) for p in procs]
+        assert [r["total"] for r in res] == [14.0, 14.0]  # 0 + 1 + 4 + 9
+        assert all(r["cache_on"] is not affected for r in res)
+        warned = ["compilation cache" in p.stderr and "turned off" in p.stderr for p in procs]
+        assert warned == [affected, affected]
+        if launch == 0:  # the first launch filled the cache the second one reads
+            assert affected or any(cache.iterdir())
+    if affected:
+        assert not cache.exists() or not any(cache.iterdir())
+    # the decision itself: several CPU processes on an affected JAX only
+    first_bad = parallel.CPU_MULTIPROCESS_CACHE_HANGS
+    assert parallel.compilation_cache_hangs(first_bad, "cpu", 2)
+    assert not parallel.compilation_cache_hangs((0, 12, 0, 1), "cpu", 2)
+    assert not parallel.compilation_cache_hangs(first_bad, "cpu", 1)
+    assert not parallel.compilation_cache_hangs(first_bad, "gpu", 2)
