@@ -12,15 +12,26 @@
   (FSDP-style parameter sharding).
 - ``global_batch``: host-local numpy batch -> global ``jax.Array`` with
   ``jax.make_array_from_process_local_data``.
+- ``put_global``: a state every process holds alike (same seed, same files) -> global arrays,
+  each process filling its own devices; one all-gathered fingerprint checks the processes
+  agree (``jax.device_put`` would all-gather every leaf with a program of its own).
+- ``barrier(name)`` waits for every process at the coordinator (no collective, generous
+  timeout); ``CompiledTogether(jitted, name)`` compiles a program in every process, then waits
+  at a barrier before its first run, and ``allgather_rows`` waits at one before its collective.
+  XLA:CPU's gloo collectives set up their connections at the first collective over a group of
+  devices and give the other processes a fixed 30 s to arrive; a process still compiling, or
+  slowed by a busy host, would otherwise fail the run with "Gloo context initialization failed".
 
 BatchNorm statistics under ``jax.jit`` over a data-sharded global batch are computed over
 the *global* batch (XLA inserts the cross-device reductions), i.e. averaged over the data axis.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -35,6 +46,11 @@ DATA, MODEL = "data", "model"
 # 0.11.2 and 0.12.0.1 do not. No fixed release is known, so every later version is treated
 # as affected. GPU and TPU runs are not touched (not measured).
 CPU_MULTIPROCESS_CACHE_HANGS = (0, 12, 1)
+
+# How long ``barrier`` waits for the slowest process (a process may still be compiling a
+# large program, restoring a checkpoint or reading its first batch).
+BARRIER_TIMEOUT_S = 1800
+_barrier_ids = itertools.count()
 
 
 def _multi_process_env() -> bool:
@@ -161,11 +177,13 @@ def allgather_rows(x: np.ndarray) -> np.ndarray:
     """Concatenate every process's ``[n_p, ...]`` rows (process order); identity on one host.
 
     Processes may hold different row counts (eval shards): rows are padded to the largest
-    count for the collective and the padding removed again.
+    count for the collective and the padding removed again. Every process first waits at a
+    :func:`barrier`, so one that finished its share early does not time out in the collective.
     """
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
+    barrier("allgather_rows")
     counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)]))).reshape(-1)
     pad = int(counts.max()) - len(x)
     padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
@@ -186,3 +204,103 @@ def allgather_ragged(items: list[np.ndarray]) -> list[np.ndarray]:
         dense[i, :len(a)] = a
     all_dense, all_len = allgather_rows(dense), allgather_rows(lengths)
     return [all_dense[i, :int(n)] for i, n in enumerate(all_len)]
+
+
+# ----------------------------------------------------------------------------- process sync
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process has reached this call (processes must call barriers in the
+    same order); returns at once in a single-process run.
+
+    Uses the ``jax.distributed`` coordinator's barrier, not a collective, so it waits as long
+    as ``timeout_s`` and then fails naming ``name``. Without a coordinator client (a runtime
+    that joins the processes itself) it falls back to ``sync_global_devices``.
+    """
+    if jax.process_count() == 1:
+        return
+    barrier_id = f"covidmt_jax/{next(_barrier_ids)}/{name}"
+    try:
+        from jax._src import distributed
+        client = distributed.global_state.client
+    except (ImportError, AttributeError):  # a JAX without the coordinator client
+        client = None
+    if client is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(barrier_id)
+        return
+    try:
+        client.wait_at_barrier(barrier_id, timeout_in_ms=int(timeout_s * 1000))
+    except Exception as e:  # the coordinator's status error: say which barrier
+        raise RuntimeError(f"process {jax.process_index()} of {jax.process_count()}: barrier "
+                           f"{name!r} ({barrier_id}) failed within {timeout_s:.0f} s; another "
+                           f"process died or is stuck (see its log): {e}") from e
+
+
+def fingerprint(tree: Any) -> bytes:
+    """A 16-byte digest of every leaf's dtype, shape and bytes (host values, tree order)."""
+    h = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+    return h.digest()
+
+
+def put_global(tree: Any, shardings: Any, what: str = "state") -> Any:
+    """Place ``tree`` (host or local arrays, the SAME values in every process) on
+    ``shardings`` (a matching tree of shardings, or one sharding for every leaf).
+
+    One process: ``jax.device_put``. Several: every process fills the shards on its own devices
+    from its copy (``jax.make_array_from_callback``, no collective), after checking at a
+    :func:`barrier` that all processes hold the same values (one all-gather of
+    :func:`fingerprint`); a mismatch raises ``ValueError`` naming ``what``.
+    ``jax.device_put`` checks the same per leaf, with a compiled all-gather per leaf shape.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    from jax.experimental import multihost_utils
+    leaves, treedef = jax.tree.flatten(tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shards = [shardings] * len(leaves)
+    else:
+        shards = treedef.flatten_up_to(shardings)
+    host = [np.asarray(x) for x in leaves]
+    barrier(f"put_global {what}")
+    mine = np.frombuffer(fingerprint(host), np.uint32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+    differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+    if differ:
+        raise ValueError(f"{what}: process(es) {differ} hold different values from process 0 "
+                         f"({len(host)} arrays compared by fingerprint); every process must "
+                         "build it from the same seed, config and files")
+    out = [jax.make_array_from_callback(a.shape, s, lambda idx, a=a: np.asarray(a[idx]))
+           for a, s in zip(host, shards)]
+    return jax.tree.unflatten(treedef, out)
+
+
+class CompiledTogether:
+    """``CompiledTogether(jax.jit(f, ...), name)(*args)``: with several processes, each new
+    argument signature (tree, shapes, dtypes, shardings) is compiled ahead of time in every
+    process, then all wait at a :func:`barrier` before the program's first run, and later calls
+    reuse that executable (donation as declared on the jit). One process: calls ``jitted``.
+
+    Compilation time differs between processes (a busy host, a cold or warm cache); the
+    barrier keeps the first collective of the program from starting on one process while
+    another is still compiling.
+    """
+
+    def __init__(self, jitted: Callable, name: str):
+        self.jitted, self.name = jitted, name
+        self._compiled: dict[Any, Callable] = {}
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))),
+                               getattr(x, "sharding", None)) for x in leaves))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = self.jitted.lower(*args).compile()
+            barrier(f"compiled {self.name}")
+        return fn(*args)

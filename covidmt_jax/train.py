@@ -392,12 +392,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     model.train()
     graphdef, state = nnx.split((model, optimizer))
     state_sh = parallel.state_shardings(state, mesh)
-    state = jax.device_put(state, state_sh)
+    state = parallel.put_global(state, state_sh, "the initial model and optimiser state")
     batch_sh = parallel.data_sharding(mesh)
 
-    train_step = jax.jit(make_train_step(graphdef, tasks), in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef, tasks), in_shardings=(state_sh, batch_sh))
+    train_step = parallel.CompiledTogether(jax.jit(
+        make_train_step(graphdef, tasks), in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0), "train step")
+    eval_fn = parallel.CompiledTogether(jax.jit(make_eval_step(graphdef, tasks),
+                                                in_shardings=(state_sh, batch_sh)), "eval step")
 
     data_iter = make_train_iterator(train_sources, specs, per_task_batch=cfg.data.per_task_batch,
                                     image_size=cfg.data.image_size, seed=cfg.seed,

@@ -7,8 +7,12 @@ joined through ``jax.distributed`` (coordinator on localhost, gloo collectives),
    step in ONE process over 4 devices: loss, gradient norm, every parameter and BatchNorm
    statistic; the eval all-gathers (``allgather_rows`` with unequal row counts,
    ``allgather_ragged``, ``local_rows``) return every process's rows in process order.
+   ``parallel.put_global`` places the state with each process filling its own devices, and
+   refuses a state that differs between the processes.
 2. ``covidmt_jax.train.train`` runs end to end in the 2 processes on one workdir: the
-   processes agree on every logged loss, one summary/export is written, checkpoints resume.
+   processes agree on every logged loss, one summary/export is written, checkpoints resume;
+   a process that starts 35 s late (longer than gloo's fixed 30 s connection set-up) is
+   waited for at a barrier instead of failing the run.
 """
 from __future__ import annotations
 
@@ -81,10 +85,16 @@ STEP_SCRIPT = textwrap.dedent("""
     gd, state = new_state()
     mesh = parallel.make_mesh(1)
     ssh, bsh = parallel.state_shardings(state, mesh), parallel.data_sharding(mesh)
-    state = jax.device_put(state, ssh)
+    state = parallel.put_global(state, ssh)
+    try:  # a tree that is not the same in every process is refused, naming it
+        parallel.put_global({"w": np.full(3, pid, np.float32)}, parallel.replicated(mesh), "tree w")
+        mismatch = "accepted"
+    except ValueError as e:
+        mismatch = str(e)
     gb = parallel.global_batch(local, bsh)
     assert gb["image"].shape[0] == B and len(gb["image"].sharding.device_set) == 4
-    step = jax.jit(make_train_step(gd, tasks), in_shardings=(ssh, bsh), donate_argnums=0)
+    step = parallel.CompiledTogether(
+        jax.jit(make_train_step(gd, tasks), in_shardings=(ssh, bsh), donate_argnums=0), "step")
     state, metrics = step(state, gb)
     params = nnx.state(nnx.merge(gd, state)[0], nnx.Any(nnx.Param, nnx.BatchStat))
     flat = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
@@ -99,7 +109,7 @@ STEP_SCRIPT = textwrap.dedent("""
         np.savez(sys.argv[1], **flat)
         print("RESULT " + json.dumps({
             "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            "rows": rows.tolist(), "ragged": [a.tolist() for a in ragged]}))
+            "rows": rows.tolist(), "ragged": [a.tolist() for a in ragged], "mismatch": mismatch}))
 """)
 
 
@@ -130,15 +140,21 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert [len(a) for a in r2["ragged"]] == [0, 1, 1, 2]
     assert r2["ragged"][3] == [[11.0] * 4] * 2
     assert r1["rows"] == [[0, 0]]
+    assert r1["mismatch"] == "accepted"  # one process: nothing to disagree with
+    assert r2["mismatch"].startswith("tree w: process(es) [1] hold different values"), r2["mismatch"]
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
-    import json, logging, sys
+    import json, logging, sys, time
     logging.basicConfig(level=logging.INFO)
     sys.path.insert(0, {tests!r})
     import jax
     from test_train import tiny_config
+    from covidmt_jax import parallel
     from covidmt_jax.train import train
+    parallel.maybe_initialize_distributed()
+    if jax.process_index() == 1:  # a slow host: train() must wait for it, however long
+        time.sleep(float(sys.argv[3]))
     c = tiny_config(steps=int(sys.argv[2]), n=16)
     c.checkpoint.every_steps = 2
     summary = train(c, sys.argv[1])
@@ -148,11 +164,16 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
+# XLA:CPU's gloo collectives wait this long (fixed) for every process at the first collective
+# over a group of devices
+GLOO_SETUP_WAIT_S = 30
+
+
 def test_trainer_runs_and_resumes_in_two_processes(tmp_path):
     script = tmp_path / "train2.py"
     script.write_text(TRAIN_SCRIPT.format(tests=str(TESTS)))
     workdir = tmp_path / "run"
-    first = _run_processes(script, 2, 2, [str(workdir), "4"])
+    first = _run_processes(script, 2, 2, [str(workdir), "4", str(GLOO_SETUP_WAIT_S + 5)])
     res = [_result(p) for p in first]
     assert [r["process"] for r in res] == [0, 1] and all(r["count"] == 2 for r in res)
     assert all(r["steps"] == 4 for r in res)
@@ -163,7 +184,7 @@ def test_trainer_runs_and_resumes_in_two_processes(tmp_path):
     assert json.loads((workdir / "summary.json").read_text())["steps"] == 4
     assert (workdir / "export" / "final" / "params.safetensors").is_file()
     # a second launch with more steps resumes from the shared checkpoint (not from step 0)
-    second = _run_processes(script, 2, 2, [str(workdir), "6"])
+    second = _run_processes(script, 2, 2, [str(workdir), "6", "0"])
     assert all(_result(p)["steps"] == 6 for p in second)
     assert "resumed from" in second[0].stderr
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -215,3 +236,25 @@ def test_a_warm_compilation_cache_never_hangs_a_multi_process_cpu_run(tmp_path):
     assert not parallel.compilation_cache_hangs((0, 12, 0, 1), "cpu", 2)
     assert not parallel.compilation_cache_hangs(first_bad, "cpu", 1)
     assert not parallel.compilation_cache_hangs(first_bad, "gpu", 2)
+
+
+def test_fingerprint_tells_apart_values_dtypes_and_shapes():
+    """``put_global`` compares processes' states by this digest alone."""
+    from covidmt_jax import parallel
+    base = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(0, np.int32)}
+    same = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(0, np.int32)}
+    assert parallel.fingerprint(base) == parallel.fingerprint(same)
+    one_value = {**base, "a": base["a"].copy()}
+    one_value["a"][1, 2] = np.nextafter(np.float32(5), np.float32(6))
+    as_int = {**base, "a": np.zeros((2, 3), np.int32)}
+    as_float = {**base, "a": np.zeros((2, 3), np.float32)}  # the same bytes as as_int
+    reshaped = {**base, "a": base["a"].reshape(3, 2)}
+    digests = {parallel.fingerprint(t) for t in (base, one_value, as_int, as_float, reshaped)}
+    assert len(digests) == 5
+    # one process: plain placement and a plain jitted call
+    import jax
+    mesh = parallel.make_mesh(1, jax.devices()[:1])
+    placed = parallel.put_global(base, parallel.replicated(mesh))
+    np.testing.assert_array_equal(np.asarray(placed["a"]), base["a"])
+    double = parallel.CompiledTogether(jax.jit(lambda t: t["a"] * 2), "double")
+    np.testing.assert_array_equal(np.asarray(double(placed)), base["a"] * 2)

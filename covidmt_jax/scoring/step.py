@@ -177,12 +177,14 @@ def compiled_step(graphdefs: Mapping[str, Any], heads: Mapping[str, Head],
                   cam_threshold: float = 0.5, return_maps: bool = False,
                   qc_thresholds: lung_qc.QCThresholds = lung_qc.DEFAULT_THRESHOLDS) -> Callable:
     """:func:`make_score_step` under ``jax.jit`` with explicit shardings: states replicated,
-    images and outputs split over the mesh's ``data`` axis."""
+    images and outputs split over the mesh's ``data`` axis; several processes compile it,
+    then start its first run together (:class:`parallel.CompiledTogether`)."""
     step = make_score_step(graphdefs, heads, lung_graphdefs, method=method,
                            cam_threshold=cam_threshold, return_maps=return_maps,
                            qc_thresholds=qc_thresholds)
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    return jax.jit(step, in_shardings=(rep, rep, data), out_shardings=data)
+    return parallel.CompiledTogether(jax.jit(step, in_shardings=(rep, rep, data), out_shardings=data),
+                                     "score step" + (" with maps" if return_maps else ""))
 
 
 class Scorer:
@@ -223,8 +225,8 @@ class Scorer:
             graphdef, lung_states[conv] = nnx.split(seg.model)
             lung_graphdefs[conv] = (graphdef, size)
         rep = parallel.replicated(self.mesh)
-        self.states = jax.device_put(states, rep)
-        self.lung_states = jax.device_put(lung_states, rep)
+        self.states = parallel.put_global(states, rep, "classifier weights")
+        self.lung_states = parallel.put_global(lung_states, rep, "lung segmenter weights")
         self.sharding = parallel.data_sharding(self.mesh)
         self._steps = {
             maps: compiled_step(graphdefs, self.heads, lung_graphdefs, self.mesh, method=method,
