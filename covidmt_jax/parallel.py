@@ -279,10 +279,12 @@ def put_global(tree: Any, shardings: Any, what: str = "state") -> Any:
 
 
 class CompiledTogether:
-    """``CompiledTogether(jax.jit(f, ...), name)(*args)``: with several processes, each new
-    argument signature (tree, shapes, dtypes, shardings) is compiled ahead of time in every
-    process, then all wait at a :func:`barrier` before the program's first run, and later calls
-    reuse that executable (donation as declared on the jit). One process: calls ``jitted``.
+    """``CompiledTogether(jax.jit(f, ...), name)(*args)``: with several processes, the first
+    call compiles the program ahead of time in every process (``jitted.lower(*args).compile()``,
+    whose executable the jit then reuses), and all wait at a :func:`barrier` before its first
+    run. Every call, that one included, goes through ``jitted`` itself, so steps keep jit's
+    dispatch. A later call with another signature compiles inside the jit without a barrier;
+    the train, eval and score steps keep one signature. One process: just ``jitted``.
 
     Compilation time differs between processes (a busy host, a cold or warm cache); the
     barrier keeps the first collective of the program from starting on one process while
@@ -291,16 +293,11 @@ class CompiledTogether:
 
     def __init__(self, jitted: Callable, name: str):
         self.jitted, self.name = jitted, name
-        self._compiled: dict[Any, Callable] = {}
+        self._compiled_together = False
 
     def __call__(self, *args):
-        if jax.process_count() == 1:
-            return self.jitted(*args)
-        leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))),
-                               getattr(x, "sharding", None)) for x in leaves))
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = self._compiled[key] = self.jitted.lower(*args).compile()
+        if not self._compiled_together and jax.process_count() > 1:
+            self.jitted.lower(*args).compile()
             barrier(f"compiled {self.name}")
-        return fn(*args)
+            self._compiled_together = True
+        return self.jitted(*args)
