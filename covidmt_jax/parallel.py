@@ -21,6 +21,8 @@
   XLA:CPU's gloo collectives set up their connections at the first collective over a group of
   devices and give the other processes a fixed 30 s to arrive; a process still compiling, or
   slowed by a busy host, would otherwise fail the run with "Gloo context initialization failed".
+- ``allgather_json`` / ``on_process0``: small host data between processes (a process's scored
+  rows to the one writer; a plan or an error that only process 0 can compute, to every process).
 
 BatchNorm statistics under ``jax.jit`` over a data-sharded global batch are computed over
 the *global* batch (XLA inserts the cross-device reductions), i.e. averaged over the data axis.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 from typing import Any, Callable, Mapping
@@ -204,6 +207,58 @@ def allgather_ragged(items: list[np.ndarray]) -> list[np.ndarray]:
         dense[i, :len(a)] = a
     all_dense, all_len = allgather_rows(dense), allgather_rows(lengths)
     return [all_dense[i, :int(n)] for i, n in enumerate(all_len)]
+
+
+def allgather_bytes(data: bytes, what: str) -> list[bytes]:
+    """Every process's ``data`` (any length), in process order; ``[data]`` on one host.
+    Waits at a :func:`barrier` named after ``what`` first."""
+    if jax.process_count() == 1:
+        return [bytes(data)]
+    from jax.experimental import multihost_utils
+    barrier(f"allgather {what}")
+    counts = np.asarray(multihost_utils.process_allgather(
+        np.asarray([len(data)], np.int32))).reshape(-1)
+    buf = np.zeros(max(1, int(counts.max())), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(counts), -1)
+    return [every[p, :int(c)].tobytes() for p, c in enumerate(counts)]
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def allgather_json(obj: Any, what: str) -> list[Any]:
+    """Every process's ``obj`` (JSON values; numpy scalars and arrays become numbers and
+    lists, NaN is kept), in process order: small host data such as a process's scored rows."""
+    data = json.dumps(obj, default=_json_default).encode()
+    return [json.loads(b) for b in allgather_bytes(data, what)]
+
+
+def on_process0(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` run on process 0 only (host work such as reading a file only it writes), its
+    JSON result handed to every process. When ``fn`` raises on process 0, it re-raises there
+    and every other process raises ``RuntimeError`` with its message instead of waiting for
+    a collective that never comes."""
+    if jax.process_count() == 1:
+        return fn()
+    failure, result = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # handed to the other processes, then re-raised here
+            failure = e
+    sent = {"error": f"{type(failure).__name__}: {failure}"} if failure is not None else {"ok": result}
+    got = allgather_json(sent if jax.process_index() == 0 else None, what)[0]
+    if failure is not None:
+        raise failure
+    if "error" in got:
+        raise RuntimeError(f"process 0 failed in {what}: {got['error']}")
+    return got["ok"]
 
 
 # ----------------------------------------------------------------------------- process sync

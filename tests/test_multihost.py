@@ -13,9 +13,13 @@ joined through ``jax.distributed`` (coordinator on localhost, gloo collectives),
    processes agree on every logged loss, one summary/export is written, checkpoints resume;
    a process that starts 35 s late (longer than gloo's fixed 30 s connection set-up) is
    waited for at a barrier instead of failing the run.
+3. The scoring job (``covidmt_jax.scoring.job``) in the 2 processes: every process's rows reach
+   the one row store that process 0 writes, the gallery maps are computed by both processes
+   together, a partial job resumes, and the rows equal those of ONE process over 4 devices.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -258,3 +262,77 @@ def test_fingerprint_tells_apart_values_dtypes_and_shapes():
     np.testing.assert_array_equal(np.asarray(placed["a"]), base["a"])
     double = parallel.CompiledTogether(jax.jit(lambda t: t["a"] * 2), "double")
     np.testing.assert_array_equal(np.asarray(double(placed)), base["a"] * 2)
+
+
+SCORE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax
+    sys.path.insert(0, TESTS_DIR)
+    from test_score import _cfg
+    from covidmt_jax import parallel
+    from covidmt_jax.scoring import job
+
+    parallel.maybe_initialize_distributed()
+    work, exported, limits = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    assert jax.device_count() == 4, jax.devices()
+    cfg = _cfg({k: Path(v) for k, v in exported.items()}, names=("resnet18", "covidmt"), n=10)
+    scored = []
+    for limit in limits:  # limit 6, then all 10: the second run resumes the first
+        cfg.pairs.limit = limit
+        summary = job.run(cfg, work)
+        assert (summary == {}) == (jax.process_index() != 0), sorted(summary)
+        scored.append(summary.get("job", {}).get("scored_this_run"))
+    cfg.cam.cam_threshold = 0.4  # another job in the same WORKDIR: refused in every process
+    try:
+        job.run(cfg, work)
+        refused = ""
+    except Exception as e:
+        refused = f"{type(e).__name__}: {e}"
+    print("RESULT " + json.dumps({"scored": scored, "refused": refused}))
+""")
+
+
+def _rows_by_key(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_key = {(r["pair_id"], r["model"]): r for r in rows}
+    assert len(by_key) == len(rows), "duplicate rows"
+    return by_key
+
+
+def test_scoring_job_in_two_processes_keeps_every_row_and_resumes(tmp_path):
+    from test_score import export_tiny_models
+    exported = json.dumps({k: str(v) for k, v in export_tiny_models(tmp_path / "models").items()})
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT.replace("TESTS_DIR", repr(str(TESTS))))
+    # batch_size 4: one process scores 10 pairs in batches of 4; two processes in global
+    # batches of 8 (4 each), so process 1 has no pair in the last batch of each run
+    (one,) = _run_processes(script, 1, 4, [str(tmp_path / "one"), exported, "[-1]"], timeout=420)
+    two = _run_processes(script, 2, 2, [str(tmp_path / "two"), exported, "[6, -1]"], timeout=420)
+    assert _result(one)["scored"] == [10]
+    assert _result(two[0])["scored"] == [6, 4]
+    # job.json is process 0's to check; process 1 gets its refusal instead of waiting for it
+    assert _result(two[0])["refused"].startswith("ConfigError: ")
+    assert "config cam" in _result(two[0])["refused"]
+    assert _result(two[1])["refused"].startswith(
+        "RuntimeError: process 0 failed in scoring plan: ConfigError: ")
+
+    ref, got = _rows_by_key(tmp_path / "one" / "rows.csv"), _rows_by_key(tmp_path / "two" / "rows.csv")
+    assert len(ref) == 20 and sorted(got) == sorted(ref)
+    for key, r in ref.items():
+        g = got[key]
+        assert g["error"] == r["error"] == "", (key, g["error"], r["error"])
+        for col, v in r.items():
+            if col.startswith(("prob_", "iol_", "heat_frac_", "lung_frac_")):
+                np.testing.assert_allclose(float(g[col]), float(v), rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{key} {col}")
+            else:
+                assert g[col] == v, (key, col, g[col], v)
+    s_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s_two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for m in ("resnet18", "covidmt"):
+        assert s_two["models"][m]["n_pairs"] == 10
+        assert s_two["models"][m]["pi"] == s_one["models"][m]["pi"]
+    for png in ("gallery_resnet18_random.png", "gallery_covidmt_random.png"):
+        assert (tmp_path / "two" / png).stat().st_size > 1000, png

@@ -42,9 +42,8 @@ def _unet(bias_shift: float | None):
     return u
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("models")
+def export_tiny_models(d: Path) -> dict[str, Path]:
+    """Export the tiny classifiers and U-Nets into ``d``; ``{name: folder}``."""
     r18 = models.create("resnet18", num_classes=1, in_channels=1, rngs=0)
     save_model(d / "resnet18", r18, name="resnet18", model_kwargs={"num_classes": 1, "in_channels": 1})
     mt = models.create("covidmt", rngs=1, **COVIDMT_KW)
@@ -54,6 +53,11 @@ def exported(tmp_path_factory) -> dict[str, Path]:
                metadata={"image_size": S})
     return {"resnet18": d / "resnet18", "covidmt": d / "covidmt", "unet": d / "unet",
             "unet_empty": d / "unet_empty"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, Path]:
+    return export_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def _cfg(exported, names=("resnet18",), n=8, **pairs) -> ml_collections.ConfigDict:

@@ -189,19 +189,30 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     source = pairs_lib.build_source(cfg.pairs, quality)
     channel = pairs_lib.source_channel(cfg.pairs, quality)
     label_col = pairs_lib.label_column(source, cfg.pairs.label)
-    store = RowStore(workdir, cfg.output.format, row_columns(conventions))
-    fp = fingerprint(jcfg, classifiers, lungs)
-    existed = check_job(workdir, fp, store.path)
-    scorer = Scorer(classifiers, lungs, cfg.image_size, cfg.batch_size, method=cfg.cam.method,
-                    cam_threshold=cfg.cam.cam_threshold, mesh=mesh, qc_thresholds=qc_thresholds(cfg))
     p = jax.process_index()
-    if not existed and p == 0:
-        write_json(workdir / "job.json", {"fingerprint": fp})
-
+    # Process 0 alone reads and writes the row store and job.json; the other processes get
+    # its plan and send it their rows, so WORKDIR need not be on a shared file system.
+    store = RowStore(workdir, cfg.output.format, row_columns(conventions)) if p == 0 else None
+    fp = fingerprint(jcfg, classifiers, lungs)
     ids = list(source.ids)
     n = len(ids) if cfg.pairs.limit < 0 else min(int(cfg.pairs.limit), len(ids))
-    done, counts = _plan(store, source, ids, n, names, cfg.num_workers)
-    todo = [(i, ids[i]) for i in range(n) if any((ids[i], m) not in done for m in names)]
+    check_same_pairs(source.name, ids[:n])
+    done: set = set()  # process 0: the (pair_id, model) rows that are current
+
+    def plan() -> dict[str, Any]:
+        existed = check_job(workdir, fp, store.path)
+        current, counts = _plan(store, source, ids, n, names, cfg.num_workers)
+        done.update(current)
+        return {"existed": existed, "counts": counts,
+                "todo": [i for i in range(n) if any((ids[i], m) not in done for m in names)]}
+
+    planned = parallel.on_process0(plan, "scoring plan")
+    counts = planned["counts"]
+    todo = [(i, ids[i]) for i in planned["todo"]]
+    scorer = Scorer(classifiers, lungs, cfg.image_size, cfg.batch_size, method=cfg.cam.method,
+                    cam_threshold=cfg.cam.cam_threshold, mesh=mesh, qc_thresholds=qc_thresholds(cfg))
+    if not planned["existed"] and p == 0:
+        write_json(workdir / "job.json", {"fingerprint": fp})
     log.info("%s: %d pairs selected, %d to score (%d error rows retried, %d rows with changed "
              "inputs), %d classifier(s) %s, %d device(s)", source.name, n, len(todo),
              counts["errors_retried"], counts["inputs_changed"], len(names), names,
@@ -236,9 +247,10 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
             else:
                 rows.extend(pair_rows(it, names, scorer.heads, orig, trans, k, conventions))
                 k += 1
-        rows = [r for r in rows if (r["pair_id"], r["model"]) not in done]
+        if jax.process_count() > 1:  # every process's rows, in the order of ``todo``
+            rows = [r for part in parallel.allgather_json(rows, "scored rows") for r in part]
         if p == 0:
-            store.append(rows)
+            store.append([r for r in rows if (r["pair_id"], r["model"]) not in done])
         n_done += n_batch
         bar.update(n_batch)
         if cfg.log_every and ((bi + 1) % cfg.log_every == 0 or n_done == len(todo)):
@@ -247,54 +259,77 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
                      hms((len(todo) - n_done) / max(rate, 1e-9)))
     bar.close()
     wall = time.time() - start
+    finished: dict[str, Any] = {}  # process 0: the summary, rows and gallery choice
+
+    def summarise() -> list[int]:
+        # --- the rows of this job now: one per (pair, model), current positions, selected pairs
+        position = {pid: i for i, pid in enumerate(ids)}
+        rows = store.read()
+        keep = np.asarray([pid in position for pid in rows["pair_id"].tolist()], bool)
+        rows = select(rows, keep & np.isin(rows["model"], names))
+        rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
+        store.compact(rows)
+        rows = select(rows, rows["index"] < n)
+        summary = report.summarize(rows, names, eta=cfg.eta, n_boot=cfg.n_boot, seed=cfg.seed,
+                                   thresholds={m: classifiers[m][1].threshold for m in names})
+        summary["job"] = {
+            "source": source.name, "n_pairs_selected": n, "scored_this_run": len(todo),
+            "errors_retried": counts["errors_retried"], "inputs_changed": counts["inputs_changed"],
+            "wall_s": wall, "pairs_per_s": len(todo) / wall if wall > 0 and todo else None,
+            "image_size": int(cfg.image_size), "cam_method": cfg.cam.method,
+            "cam_threshold": float(cfg.cam.cam_threshold), "eta": float(cfg.eta),
+            "lung_conventions": conventions,
+            "channel": channel.describe() if channel is not None else
+            getattr(getattr(source, "channel", None), "describe", lambda: "")(),
+            "quality": int(quality or cfg.pairs.quality or 0) or None,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "rows": str(store.path),
+            # files the source itself rejected while listing (on_error="skip")
+            "source_skipped": len(getattr(source, "skipped", ()) or ()),
+            "source_skipped_examples": [f"{a}: {b}" for a, b in
+                                        list(getattr(source, "skipped", ()) or ())[:5]]}
+        if "lung_qc" in summary:
+            summary["lung_qc"]["thresholds"] = dataclasses.asdict(scorer.qc_thresholds)
+            summary["lung_qc"]["convention"] = conventions[0]
+            summary["lung_qc"]["disagreement_checked"] = bool(
+                "fields" in conventions and "anatomical" in conventions)
+        selection, notes = gallery_selection(cfg, rows, names)
+        finished.update(summary=summary, rows=rows, selection=selection, notes=notes)
+        return sorted({i for s in selection.values() for v in s.values() for i in v})
+
+    wanted = parallel.on_process0(summarise, "scoring summary")
+    # every process runs the gallery's steps; process 0 loads the pairs
+    panels = gallery_panels(cfg, scorer, source, channel, label_col, wanted)
     if p != 0:
         return {}
-
-    # --- the rows of this job now: one per (pair, model), current positions, selected pairs
-    position = {pid: i for i, pid in enumerate(ids)}
-    rows = store.read()
-    keep = np.asarray([pid in position for pid in rows["pair_id"].tolist()], bool)
-    rows = select(rows, keep & np.isin(rows["model"], names))
-    rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
-    store.compact(rows)
-    rows = select(rows, rows["index"] < n)
-    summary = report.summarize(rows, names, eta=cfg.eta, n_boot=cfg.n_boot, seed=cfg.seed,
-                               thresholds={m: classifiers[m][1].threshold for m in names})
-    summary["job"] = {"source": source.name, "n_pairs_selected": n, "scored_this_run": len(todo),
-                      "errors_retried": counts["errors_retried"],
-                      "inputs_changed": counts["inputs_changed"],
-                      "wall_s": wall, "pairs_per_s": len(todo) / wall if wall > 0 and todo else None,
-                      "image_size": int(cfg.image_size), "cam_method": cfg.cam.method,
-                      "cam_threshold": float(cfg.cam.cam_threshold), "eta": float(cfg.eta),
-                      "lung_conventions": conventions,
-                      "channel": channel.describe() if channel is not None else
-                      getattr(getattr(source, "channel", None), "describe", lambda: "")(),
-                      "quality": int(quality or cfg.pairs.quality or 0) or None,
-                      "devices": jax.device_count(), "rows": str(store.path),
-                      # files the source itself rejected while listing (on_error="skip")
-                      "source_skipped": len(getattr(source, "skipped", ()) or ()),
-                      "source_skipped_examples": [f"{a}: {b}" for a, b in
-                                                  list(getattr(source, "skipped", ()) or ())[:5]]}
-    if "lung_qc" in summary:
-        summary["lung_qc"]["thresholds"] = dataclasses.asdict(scorer.qc_thresholds)
-        summary["lung_qc"]["convention"] = conventions[0]
-        summary["lung_qc"]["disagreement_checked"] = bool(
-            "fields" in conventions and "anatomical" in conventions)
-    gallery = gallery_maps(cfg, scorer, source, channel, label_col, rows, names)
-    report.write_report(workdir, summary, rows, gallery)
+    summary = finished["summary"]
+    gallery = gallery_from_panels(finished["selection"], finished["notes"], panels, names, scorer)
+    report.write_report(workdir, summary, finished["rows"], gallery)
     write_json(workdir / "summary.json", summary)
     log.info("wrote %s, %s", workdir / "summary.json", workdir / "report.md")
     return summary
 
 
-def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[str, np.ndarray],
-                 names: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
-    """For each model, ``{"flipped": [...], "random": [...], "qc_flagged": [...]}`` panels
-    (images, CAMs, lung probabilities, probabilities) of the first ``gallery.flipped`` flipped
-    pairs, a seeded random sample of ``gallery.random`` scored pairs and the first
-    ``gallery.qc_flagged`` pairs with a flagged lung mask on either side (their flags in the
-    panel's ``note``), recomputed for those pairs only. ``rows`` must hold each pair's CURRENT
-    ``index`` in ``source``."""
+def check_same_pairs(source_name: str, ids: Sequence[str]) -> None:
+    """Raise ``ConfigError`` in every process unless all processes list the same pairs."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    every = parallel.allgather_json([len(ids), digest], f"pair listing of {source_name}")
+    differ = [q for q, v in enumerate(every) if v != every[0]]
+    if differ:
+        raise ConfigError(
+            f"{source_name}: process(es) {differ} list other pairs than process 0 (pairs per "
+            f"process: {[v[0] for v in every]}); every process must read the same pair files")
+
+
+def gallery_selection(cfg, rows: Mapping[str, np.ndarray], names: Sequence[str]
+                      ) -> tuple[dict[str, dict[str, list[int]]], dict[int, str]]:
+    """For each model, the source indices ``{"flipped": [...], "random": [...], "qc_flagged":
+    [...]}`` of the first ``gallery.flipped`` flipped pairs, a seeded random sample of
+    ``gallery.random`` scored pairs and the first ``gallery.qc_flagged`` pairs with a flagged
+    lung mask on either side; and ``{index: note}`` with those pairs' flags. ``rows`` must hold
+    each pair's CURRENT ``index`` in the source."""
     sel: dict[str, dict[str, list[int]]] = {}
     notes: dict[int, str] = {}
     rng = np.random.default_rng(cfg.seed)
@@ -311,20 +346,27 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
                                             f"{rows['qc_flags_trans'][j] or '-'}")
         sel[m] = {"flipped": flipped.tolist(), "random": rand.tolist(),
                   "qc_flagged": np.sort(rows["index"][bad][order]).tolist()}
-    wanted = sorted({i for s in sel.values() for v in s.values() for i in v})
-    if not wanted:
-        return {m: {"flipped": [], "random": [], "qc_flagged": []} for m in names}
-    ids = source.ids
+    return sel, notes
+
+
+def gallery_panels(cfg, scorer: Scorer, source, channel, label_col,
+                   wanted: Sequence[int]) -> dict[int, dict]:
+    """``{index: panel}`` of images, CAMs, lung probabilities and outputs of the pairs at
+    ``wanted`` source indices (pairs that fail to load are left out). Every process calls it
+    with the same ``wanted`` and runs the same steps; process 0 loads the pairs and returns
+    the panels, the others run on empty shares and return ``{}``."""
+    ids, b, s = source.ids, scorer.local_batch, scorer.image_size
+    loads = jax.process_index() == 0
+    names = list(scorer.heads)
     panels: dict[int, dict] = {}
-    b = scorer.local_batch
     for start in range(0, len(wanted), b):
         items = [pairs_lib.load_one(source, i, ids[i], cfg.image_size, channel, label_col, 0.0)
-                 for i in wanted[start:start + b]]
+                 for i in wanted[start:start + b]] if loads else []
         items = [it for it in items if not it.error]
-        if not items:
-            continue
-        o, t = scorer(np.stack([it.original for it in items]),
-                      np.stack([it.transmitted for it in items]), return_maps=True)
+        empty = np.zeros((0, s, s, 1), np.float32)
+        o, t = scorer(np.stack([it.original for it in items]) if items else empty,
+                      np.stack([it.transmitted for it in items]) if items else empty,
+                      return_maps=True)  # always called: every process runs every step
         for k, it in enumerate(items):
             panels[it.index] = {
                 "pair_id": it.pair_id, "label": it.label,
@@ -333,6 +375,14 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
                 "lung_orig": o["lung_prob"][k], "lung_trans": t["lung_prob"][k],
                 **{f"{m}/{key}_{side}": d[m][key][k] for m in names for key in ("cam", "prob", "iol")
                    for side, d in (("orig", o), ("trans", t))}}
+    return panels
+
+
+def gallery_from_panels(sel: Mapping[str, Mapping[str, Sequence[int]]], notes: Mapping[int, str],
+                        panels: Mapping[int, dict], names: Sequence[str], scorer: Scorer
+                        ) -> dict[str, dict[str, list[dict]]]:
+    """The report's galleries: for each model and kind (:func:`gallery_selection`), the panels
+    of that model (:func:`gallery_panels`), with QC notes on the ``qc_flagged`` ones."""
     out = {}
     for m in names:
         out[m] = {}
@@ -346,6 +396,16 @@ def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[
                              **({"note": notes[i]} if kind == "qc_flagged" else {})}
                             for i in idx if i in panels]
     return out
+
+
+def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[str, np.ndarray],
+                 names: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
+    """The galleries of one process's job (:func:`gallery_selection`, :func:`gallery_panels`,
+    :func:`gallery_from_panels` in a row)."""
+    sel, notes = gallery_selection(cfg, rows, names)
+    wanted = sorted({i for s in sel.values() for v in s.values() for i in v})
+    panels = gallery_panels(cfg, scorer, source, channel, label_col, wanted)
+    return gallery_from_panels(sel, notes, panels, names, scorer)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
