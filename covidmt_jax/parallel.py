@@ -211,14 +211,16 @@ def allgather_ragged(items: list[np.ndarray]) -> list[np.ndarray]:
 
 def allgather_bytes(data: bytes, what: str) -> list[bytes]:
     """Every process's ``data`` (any length), in process order; ``[data]`` on one host.
-    Waits at a :func:`barrier` named after ``what`` first."""
+    Waits at a :func:`barrier` named after ``what`` first. The all-gathered buffer is padded
+    to a power of two (at least 1 KiB), so calls with varying lengths (rows of each batch)
+    reuse a few compiled all-gathers instead of compiling one per length."""
     if jax.process_count() == 1:
         return [bytes(data)]
     from jax.experimental import multihost_utils
     barrier(f"allgather {what}")
     counts = np.asarray(multihost_utils.process_allgather(
         np.asarray([len(data)], np.int32))).reshape(-1)
-    buf = np.zeros(max(1, int(counts.max())), np.uint8)
+    buf = np.zeros(max(1024, 1 << (int(counts.max()) - 1).bit_length()), np.uint8)
     buf[:len(data)] = np.frombuffer(data, np.uint8)
     every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(counts), -1)
     return [every[p, :int(c)].tobytes() for p, c in enumerate(counts)]

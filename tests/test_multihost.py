@@ -8,7 +8,9 @@ joined through ``jax.distributed`` (coordinator on localhost, gloo collectives),
    statistic; the eval all-gathers (``allgather_rows`` with unequal row counts,
    ``allgather_ragged``, ``local_rows``) return every process's rows in process order.
    ``parallel.put_global`` places the state with each process filling its own devices, and
-   refuses a state that differs between the processes.
+   refuses a state that differs between the processes; ``allgather_json`` hands host objects
+   of differing sizes around, ``on_process0`` hands process 0's result, or its failure, to
+   every process.
 2. ``covidmt_jax.train.train`` runs end to end in the 2 processes on one workdir: the
    processes agree on every logged loss, one summary/export is written, checkpoints resume;
    a process that starts 35 s late (longer than gloo's fixed 30 s connection set-up) is
@@ -109,11 +111,24 @@ STEP_SCRIPT = textwrap.dedent("""
                                         for k in range(2)])
     mine = parallel.local_rows(gb["image"])
     np.testing.assert_array_equal(mine, local["image"])
+    # host objects: lengths that differ per process (over the 1 KiB bucket), numpy values, NaN
+    objs = parallel.allgather_json({"pid": pid, "v": np.float32(0.5), "a": np.arange(2) + pid,
+                                    "nan": float("nan"), "s": "é" * (700 * pid)}, "test objects")
+    objs = [{**o, "nan": repr(o["nan"]), "s": len(o["s"])} for o in objs]
+    plan = parallel.on_process0(lambda: {"todo": [1, 2]} if pid == 0 else None, "test plan")
+    def fail():
+        raise KeyError("known to process 0 only")
+    try:
+        parallel.on_process0(fail, "test failure")
+        failed = ""
+    except Exception as e:
+        failed = f"{type(e).__name__}: {e}"
     if pid == 0:
         np.savez(sys.argv[1], **flat)
-        print("RESULT " + json.dumps({
-            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-            "rows": rows.tolist(), "ragged": [a.tolist() for a in ragged], "mismatch": mismatch}))
+    print("RESULT " + json.dumps({
+        "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+        "rows": rows.tolist(), "ragged": [a.tolist() for a in ragged], "mismatch": mismatch,
+        "objs": objs, "plan": plan, "failed": failed}))
 """)
 
 
@@ -146,6 +161,14 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
     assert r1["rows"] == [[0, 0]]
     assert r1["mismatch"] == "accepted"  # one process: nothing to disagree with
     assert r2["mismatch"].startswith("tree w: process(es) [1] hold different values"), r2["mismatch"]
+    # allgather_json: every process's object in process order, on every process
+    objs = [{"pid": q, "v": 0.5, "a": [q, q + 1], "nan": "nan", "s": 700 * q} for q in range(2)]
+    assert r1["objs"] == objs[:1] and r2["objs"] == objs and _result(two[1])["objs"] == objs
+    # on_process0: process 0's result everywhere; its failure raised everywhere, not waited for
+    assert r1["plan"] == r2["plan"] == _result(two[1])["plan"] == {"todo": [1, 2]}
+    assert r1["failed"] == r2["failed"] == "KeyError: 'known to process 0 only'"
+    assert _result(two[1])["failed"] == (
+        "RuntimeError: process 0 failed in test failure: KeyError: 'known to process 0 only'")
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
