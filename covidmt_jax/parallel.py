@@ -176,21 +176,32 @@ def _mesh_of(tree: Any) -> Mesh:
     return leaf.sharding.mesh
 
 
+def _allgather_padded(x: np.ndarray, what: str, min_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(every, counts)``: every process's ``[n_p, ...]`` rows, each padded to the same row
+    count for the collective (``every``: ``[P, L, ...]``), and the ``n_p``. Waits at a
+    :func:`barrier` first, so a process that finished its share early does not time out in the
+    collective. ``L`` is a power of two (at least ``min_rows``), so calls with varying row
+    counts reuse a few compiled all-gathers instead of compiling one per count."""
+    from jax.experimental import multihost_utils
+    barrier(f"allgather {what}")
+    counts = np.asarray(multihost_utils.process_allgather(
+        np.asarray([len(x)], np.int32))).reshape(-1)
+    rows = max(min_rows, 1 << (int(counts.max()) - 1).bit_length())
+    padded = np.zeros((rows, *x.shape[1:]), x.dtype)
+    padded[:len(x)] = x
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(counts), rows, *x.shape[1:])
+    return every, counts
+
+
 def allgather_rows(x: np.ndarray) -> np.ndarray:
     """Concatenate every process's ``[n_p, ...]`` rows (process order); identity on one host.
 
-    Processes may hold different row counts (eval shards): rows are padded to the largest
-    count for the collective and the padding removed again. Every process first waits at a
-    :func:`barrier`, so one that finished its share early does not time out in the collective.
+    Processes may hold different row counts (eval shards): rows are padded for the collective
+    and the padding removed again (:func:`_allgather_padded`).
     """
     if jax.process_count() == 1:
         return x
-    from jax.experimental import multihost_utils
-    barrier("allgather_rows")
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)]))).reshape(-1)
-    pad = int(counts.max()) - len(x)
-    padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-    every = np.asarray(multihost_utils.process_allgather(padded))
+    every, counts = _allgather_padded(x, "rows", 1)
     return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])
 
 
@@ -210,19 +221,10 @@ def allgather_ragged(items: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def allgather_bytes(data: bytes, what: str) -> list[bytes]:
-    """Every process's ``data`` (any length), in process order; ``[data]`` on one host.
-    Waits at a :func:`barrier` named after ``what`` first. The all-gathered buffer is padded
-    to a power of two (at least 1 KiB), so calls with varying lengths (rows of each batch)
-    reuse a few compiled all-gathers instead of compiling one per length."""
+    """Every process's ``data`` (any length), in process order; ``[data]`` on one host."""
     if jax.process_count() == 1:
         return [bytes(data)]
-    from jax.experimental import multihost_utils
-    barrier(f"allgather {what}")
-    counts = np.asarray(multihost_utils.process_allgather(
-        np.asarray([len(data)], np.int32))).reshape(-1)
-    buf = np.zeros(max(1024, 1 << (int(counts.max()) - 1).bit_length()), np.uint8)
-    buf[:len(data)] = np.frombuffer(data, np.uint8)
-    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(counts), -1)
+    every, counts = _allgather_padded(np.frombuffer(data, np.uint8), what, 1024)
     return [every[p, :int(c)].tobytes() for p, c in enumerate(counts)]
 
 

@@ -398,16 +398,6 @@ def gallery_from_panels(sel: Mapping[str, Mapping[str, Sequence[int]]], notes: M
     return out
 
 
-def gallery_maps(cfg, scorer: Scorer, source, channel, label_col, rows: Mapping[str, np.ndarray],
-                 names: Sequence[str]) -> dict[str, dict[str, list[dict]]]:
-    """The galleries of one process's job (:func:`gallery_selection`, :func:`gallery_panels`,
-    :func:`gallery_from_panels` in a row)."""
-    sel, notes = gallery_selection(cfg, rows, names)
-    wanted = sorted({i for s in sel.values() for v in s.values() for i in v})
-    panels = gallery_panels(cfg, scorer, source, channel, label_col, wanted)
-    return gallery_from_panels(sel, notes, panels, names, scorer)
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """The scoring job (and the JPEG-quality sweep when ``pairs.qualities`` is set)."""
     validate(cfg)
