@@ -210,7 +210,6 @@ def memory_job(n_pairs: int, size: int, backbone: str, unet_width: int, unet_dep
     cfg.image_size = size
     cfg.batch_size = batch
     cfg.num_workers = 2
-    cfg.n_boot = 1000
     cfg.gallery.flipped = 4
     cfg.gallery.random = 4
     cfg.progress = False

@@ -10,8 +10,10 @@ All functions are pure. Conventions:
   DeLong's (:func:`roc_auc_ci`), and paired comparisons get Newcombe's hybrid score interval
   for the difference with McNemar's exact test (:func:`paired_comparison`,
   :func:`roc_auc_compare` for two AUCs). Means of per-item scores (e.g. Dice per film) get a
-  cluster-robust t-interval (:func:`clustered_mean_ci`; clusters = patients). Nothing
-  resamples: results are deterministic.
+  cluster-robust t-interval (:func:`clustered_mean_ci`; clusters = patients). Where films
+  share patients (``clusters=``), proportions get Korn and Graubard's effective-size interval
+  (:func:`clustered_binomial_ci`) and paired comparisons Durkalski's clustered McNemar test
+  (:func:`clustered_mcnemar`). Nothing resamples: results are deterministic.
 - Functions that run inside a jitted step (``heatmap_region``, ``iol``, ``dice``,
   ``soft_dice_loss``) are array-namespace generic: numpy in -> numpy out, jax arrays (and
   tracers under ``jax.jit``) in -> jax arrays out. They never branch on array *values*, only on
@@ -57,6 +59,11 @@ __all__ = [
     "mcnemar_from_counts",
     "paired_difference_ci",
     "paired_comparison",
+    "clustered_binomial_ci",
+    "clustered_mcnemar",
+    "clustered_mean_ci",
+    "design_effect",
+    "has_repeats",
     "ols_paired_comparison",
     "box_iou",
     "rsna_image_scores",
@@ -334,7 +341,7 @@ def roc_auc(labels, scores) -> float:
 
 
 def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float = 0.05,
-                          method: str = "clopper-pearson") -> dict:
+                          method: str = "clopper-pearson", clusters=None) -> dict:
     """dict(n, n_pos, n_neg, threshold, tp, fp, tn, fn, accuracy, sensitivity, specificity,
     roc_auc, ci).
 
@@ -343,6 +350,9 @@ def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float
     "roc_auc_method", "level"}`` — the three rates with :func:`binomial_ci` (``method``,
     ``alpha``) over N, the positives and the negatives; ROC-AUC with DeLong's interval
     (:func:`roc_auc_ci`). Rates and their limits are fractions in [0, 1] here.
+    ``clusters [N]`` (the films' patients): where a patient has several films, the three rates
+    get :func:`clustered_binomial_ci` (``ci["method"]`` says so); DeLong's interval still
+    treats the films as independent (``ci["roc_auc_method"]``).
     """
     p = _vector(probs, "classification_report", "probs")
     if p.dtype == bool:
@@ -351,16 +361,27 @@ def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float
     c = confusion(labels, p, threshold)
     n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
     auc, auc_lo, auc_hi = roc_auc_ci(labels, p, alpha)
+    _cluster_index(clusters, len(p), "classification_report")
+    if has_repeats(clusters):
+        y, d = _labels_and_decisions(labels, p, threshold, "classification_report")
+        cl = np.asarray(clusters)
+        rates = {"accuracy": clustered_binomial_ci(y == d, cl, alpha, method)[1:],
+                 "sensitivity": clustered_binomial_ci(d[y], cl[y], alpha, method)[1:],
+                 "specificity": clustered_binomial_ci(~d[~y], cl[~y], alpha, method)[1:]}
+        ci_method, auc_method = f"{method}, clustered (Korn-Graubard)", "DeLong (films as independent)"
+    else:
+        rates = {"accuracy": binomial_ci(c["tp"] + c["tn"], n_pos + n_neg, alpha, method),
+                 "sensitivity": binomial_ci(c["tp"], n_pos, alpha, method),
+                 "specificity": binomial_ci(c["tn"], n_neg, alpha, method)}
+        ci_method, auc_method = method, "DeLong"
     return {"n": n_pos + n_neg, "n_pos": n_pos, "n_neg": n_neg, "threshold": float(threshold),
             **c,
             "accuracy": (c["tp"] + c["tn"]) / (n_pos + n_neg),
             "sensitivity": _nan_ratio(c["tp"], n_pos),
             "specificity": _nan_ratio(c["tn"], n_neg),
             "roc_auc": auc,
-            "ci": {"accuracy": list(binomial_ci(c["tp"] + c["tn"], n_pos + n_neg, alpha, method)),
-                   "sensitivity": list(binomial_ci(c["tp"], n_pos, alpha, method)),
-                   "specificity": list(binomial_ci(c["tn"], n_neg, alpha, method)),
-                   "roc_auc": [auc_lo, auc_hi], "method": method, "roc_auc_method": "DeLong",
+            "ci": {**{k: list(v) for k, v in rates.items()},
+                   "roc_auc": [auc_lo, auc_hi], "method": ci_method, "roc_auc_method": auc_method,
                    "level": 1.0 - alpha}}
 
 
@@ -422,12 +443,19 @@ def binomial_ci(k, n, alpha: float = 0.05, method: str = "clopper-pearson"):
         raise ValueError(f"{fn}: method must be one of {CI_METHODS}, got {method!r}")
     scalar = np.ndim(k) == 0 and np.ndim(n) == 0
     k_arr, n_arr = _counts(k, n, fn)
-    kf, nf = k_arr.astype(np.float64), n_arr.astype(np.float64)
-    empty = n_arr == 0
+    lo, hi = _binomial_limits(k_arr.astype(np.float64), n_arr.astype(np.float64), alpha, method)
+    if scalar:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def _binomial_limits(kf: np.ndarray, nf: np.ndarray, alpha: float, method: str):
+    """The limits of :func:`binomial_ci` for float counts ``0 <= kf <= nf`` (also non-integer
+    ones: the effective counts of :func:`clustered_binomial_ci`); NaN where ``nf == 0``."""
     with np.errstate(divide="ignore", invalid="ignore"):
         if method == "clopper-pearson":
-            lo = np.where(k_arr == 0, 0.0, scipy_stats.beta.ppf(alpha / 2, kf, nf - kf + 1))
-            hi = np.where(k_arr == n_arr, 1.0, scipy_stats.beta.ppf(1 - alpha / 2, kf + 1, nf - kf))
+            lo = np.where(kf == 0, 0.0, scipy_stats.beta.ppf(alpha / 2, kf, nf - kf + 1))
+            hi = np.where(kf == nf, 1.0, scipy_stats.beta.ppf(1 - alpha / 2, kf + 1, nf - kf))
         else:
             z = scipy_stats.norm.isf(alpha / 2)
             p = kf / nf
@@ -435,10 +463,97 @@ def binomial_ci(k, n, alpha: float = 0.05, method: str = "clopper-pearson"):
             centre = (p + z * z / (2 * nf)) / den
             half = z * np.sqrt(p * (1 - p) / nf + z * z / (4 * nf * nf)) / den
             lo, hi = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
-    lo, hi = np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
-    if scalar:
-        return float(lo), float(hi)
-    return lo, hi
+    empty = nf == 0
+    return np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
+def _cluster_index(clusters, n: int, fn: str) -> tuple[np.ndarray, int]:
+    """``(index [N] in 0..G-1, G)`` of ``clusters [N]`` (any hashable labels; None: every item
+    its own cluster)."""
+    if clusters is None:
+        return np.arange(n), n
+    labels = np.asarray(clusters)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"{fn}: clusters must be a 1-D array of the values' length {n}, got shape {labels.shape}")
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    _, idx = np.unique(labels, return_inverse=True)
+    return idx.reshape(-1), int(idx.max()) + 1
+
+
+def _cluster_variance(x: np.ndarray, idx: np.ndarray, g: int) -> float:
+    """Cluster-robust variance of ``mean(x)``: ``G / (G - 1) * sum_g (sum_{i in g} (x_i -
+    mean))^2 / N^2`` (statsmodels' ``cov_type="cluster"`` of an intercept-only OLS)."""
+    sums = np.bincount(idx, weights=x - x.mean(), minlength=g)
+    return g / (g - 1) * float(np.sum(sums ** 2)) / len(x) ** 2
+
+
+def design_effect(values, clusters=None) -> float:
+    """Design effect of ``mean(values [N])`` under ``clusters [N]``: the cluster-robust variance
+    over the variance if the N items were independent (``var(values, ddof=1) / N``), both with
+    the same small-sample factors, so one item per cluster gives exactly 1. Above 1 where items
+    of a cluster (films of one patient) resemble each other. NaN with fewer than two clusters
+    or no variation."""
+    fn = "design_effect"
+    x = _vector(values, fn, "values").astype(np.float64)
+    idx, g = _cluster_index(clusters, len(x), fn)
+    if g < 2:
+        return float("nan")
+    v_iid = float(np.var(x, ddof=1)) / len(x)
+    if not v_iid > 0:
+        return float("nan")
+    return _cluster_variance(x, idx, g) / v_iid
+
+
+def has_repeats(clusters) -> bool:
+    """Whether some cluster (patient) holds more than one item; False for None."""
+    if clusters is None:
+        return False
+    labels = np.asarray(clusters)
+    return len(np.unique(labels)) < len(labels)
+
+
+def clustered_binomial_ci(successes, clusters=None, alpha: float = 0.05,
+                          method: str = "clopper-pearson") -> tuple[float, float, float]:
+    """(p, lo, hi): a proportion of ``successes [N]`` (bool) whose items come in ``clusters [N]``
+    (patients with several films), with a ``1 - alpha`` interval that keeps its coverage when
+    films of one patient are alike. Fractions in [0, 1]; all NaN when N = 0.
+
+    Korn & Graubard (1998, Survey Methodology 24:193)'s interval, as R ``survey::svyciprop(method
+    = "beta")``: :func:`binomial_ci`'s ``method`` on the *effective* counts ``n_eff = N / deff``,
+    ``k_eff = p n_eff``, where ``deff`` = :func:`design_effect` (never below 1: clustering
+    cannot make an interval narrower than for independent films), and ``n_eff`` is scaled by
+    ``(t_{N-1} / t_{G-1})^2`` for G clusters (the degrees of freedom of a cluster-robust
+    variance are G - 1). At p = 0 or 1 there is no variance to measure ``deff`` from, so
+    ``n_eff = G``: as if every film of a patient had its patient's outcome (the worst case).
+    With one item per cluster (or ``clusters=None``) it is exactly :func:`binomial_ci`.
+    """
+    fn = "clustered_binomial_ci"
+    alpha = _check_alpha(alpha, fn)
+    if method not in CI_METHODS:
+        raise ValueError(f"{fn}: method must be one of {CI_METHODS}, got {method!r}")
+    if np.size(successes) == 0:  # e.g. the positives of a set without any
+        _cluster_index(clusters, 0, fn)
+        return float("nan"), float("nan"), float("nan")
+    x = _labels(successes, fn, "successes")
+    n = len(x)
+    idx, g = _cluster_index(clusters, n, fn)
+    k = int(x.sum())
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    p = k / n
+    if g == n:  # one film per patient: the plain interval
+        lo, hi = binomial_ci(k, n, alpha, method)
+        return p, lo, hi
+    if g < 2:  # every film one patient's: nothing to estimate the spread between patients from
+        return p, float("nan"), float("nan")
+    if k in (0, n):
+        n_eff = float(g)
+    else:
+        n_eff = n / max(1.0, design_effect(x.astype(np.float64), idx))
+        n_eff *= (scipy_stats.t.isf(alpha / 2, n - 1) / scipy_stats.t.isf(alpha / 2, g - 1)) ** 2
+    lo, hi = _binomial_limits(np.float64(p * n_eff), np.float64(n_eff), alpha, method)
+    return p, float(lo), float(hi)
 
 
 def percent_ci(k: int, n: int, alpha: float = 0.05,
@@ -456,52 +571,64 @@ def clustered_mean_ci(values, clusters=None, alpha: float = 0.05) -> tuple[float
     of the item mean: ``se^2 = G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2 / N^2`` with
     ``G - 1`` degrees of freedom for ``G`` clusters. With one item per cluster (or
     ``clusters=None``) this is exactly the ordinary t-interval ``mean ± t * s / sqrt(N)``.
-    Returns ``(mean, lo, hi)``; ``lo = hi = NaN`` when there are fewer than 2 clusters.
+    Returns ``(mean, lo, hi)``; ``lo = hi = NaN`` when there are fewer than 2 clusters or the
+    standard error is 0 (e.g. every value equal: there is no spread to build an interval from,
+    and a zero-width interval would claim certainty the data cannot give; scipy's
+    ``t.interval`` is NaN there too).
     """
     fn = "clustered_mean_ci"
     alpha = _check_alpha(alpha, fn)
     x = _vector(values, fn, "values").astype(np.float64)
-    n = len(x)
-    if clusters is None:
-        labels = np.arange(n)
-    else:
-        labels = np.asarray(clusters)
-        if labels.ndim != 1 or len(labels) != n:
-            raise ValueError(f"{fn}: clusters must be a 1-D array of the values' length {n}, got shape {labels.shape}")
-    _, idx = np.unique(labels, return_inverse=True)
-    g = int(idx.max()) + 1
+    idx, g = _cluster_index(clusters, len(x), fn)
     mean = float(x.mean())
     if g < 2:
         return mean, math.nan, math.nan
-    sums = np.bincount(idx, weights=x - mean, minlength=g)
-    se = math.sqrt(g / (g - 1) * float(np.sum(sums ** 2))) / n
+    se = math.sqrt(_cluster_variance(x, idx, g))
+    if not se > 1e-12 * max(1.0, abs(mean)):
+        return mean, math.nan, math.nan
     half = float(scipy_stats.t.ppf(1 - alpha / 2, g - 1)) * se
     return mean, mean - half, mean + half
 
 
+def _percent_clustered(x: np.ndarray, clusters, alpha: float, method: str) -> tuple[float, float, float]:
+    """:func:`percent_ci` of the indicators ``x [N]``, or with repeated ``clusters``
+    :func:`clustered_binomial_ci` in percent."""
+    if not has_repeats(clusters):
+        return percent_ci(int(x.sum()), len(x), alpha, method)
+    return tuple(100.0 * v for v in clustered_binomial_ci(x, clusters, alpha, method))
+
+
 def pi_score_ci(prob_orig, prob_trans, threshold: float = 0.5, *, alpha: float = 0.05,
-                method: str = "clopper-pearson") -> tuple[float, float, float]:
+                method: str = "clopper-pearson", clusters=None) -> tuple[float, float, float]:
     """(PI, lo, hi) in percent: :func:`pi_score` with a binomial interval over the N pairs.
 
     The flips are N independent Bernoulli trials (one per pair), so PI = 100 * flips / N gets
     the exact binomial interval of :func:`binomial_ci` (Clopper-Pearson by default; ``method``
-    and ``alpha`` as there).
+    and ``alpha`` as there). ``clusters [N]`` (the pairs' patients): where a patient has
+    several pairs, :func:`clustered_binomial_ci` instead.
     """
     flips = _flips(prob_orig, prob_trans, threshold, "pi_score_ci")
-    return percent_ci(int(flips.sum()), len(flips), alpha, method)
+    _cluster_index(clusters, len(flips), "pi_score_ci")
+    return _percent_clustered(flips, clusters, alpha, method)
 
 
 def ols_score_ci(iol_values, eta: float = 0.4, empty: str = "exclude", *, alpha: float = 0.05,
-                 method: str = "clopper-pearson") -> tuple[float, float, float]:
+                 method: str = "clopper-pearson", clusters=None) -> tuple[float, float, float]:
     """(OLS, lo, hi) in percent: :func:`ols_score` with a binomial interval.
 
     The interval is over the ``n_used`` images that enter the score: with ``empty="exclude"``
     (the default) the images with a non-empty heat map only — the excluded empty maps are
     neither successes nor trials, and :func:`ols_counts` reports how many there were
     (``n_empty``); with "out" / "in" every image is a trial. All NaN when no image is used.
+    ``clusters [N]`` (the images' patients): where a patient has several of the used images,
+    :func:`clustered_binomial_ci` over them instead.
     """
-    c = ols_counts(iol_values, eta, empty)
-    return percent_ci(c["n_out"], c["n_used"], alpha, method)
+    if clusters is None:
+        c = ols_counts(iol_values, eta, empty)
+        return percent_ci(c["n_out"], c["n_used"], alpha, method)
+    out, used, _ = _ols_indicators(iol_values, eta, empty, "ols_score_ci")
+    _cluster_index(clusters, len(used), "ols_score_ci")
+    return _percent_clustered(out[used], np.asarray(clusters)[used], alpha, method)
 
 
 def _midrank_components(y: np.ndarray, scores: np.ndarray):
@@ -668,6 +795,29 @@ def mcnemar(first, second, labels=None, exact: bool | None = None) -> dict:
     return mcnemar_from_counts(int((a & ~t).sum()), int((~a & t).sum()), exact=exact)
 
 
+def clustered_mcnemar(first, second, clusters) -> dict:
+    """McNemar's test for paired binary outcomes whose units come in ``clusters [N]`` (several
+    films of one patient), after Durkalski et al. (2003, Stat Med 22:2417; Obuchowski's
+    cluster-adjusted statistic): with ``b_k``, ``c_k`` the discordant counts of cluster k
+    (first only, second only), ``X2 = (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2``, compared
+    with chi-square on 1 degree of freedom. One unit per cluster gives
+    ``(b - c)^2 / (b + c)``, the chi-square McNemar statistic without continuity correction;
+    no discordant unit gives statistic 0, p = 1. Returns dict(b, c, statistic, p_value,
+    n_clusters, method="clustered chi2 (Durkalski)").
+    """
+    fn = "clustered_mcnemar"
+    a = _labels(first, fn, "first")
+    t = _labels(second, fn, "second")
+    _same_length(fn, first=a, second=t)
+    idx, g = _cluster_index(clusters, len(a), fn)
+    d = np.bincount(idx, weights=(a & ~t).astype(np.float64) - (~a & t).astype(np.float64), minlength=g)
+    den = float(np.sum(d ** 2))
+    stat = float(np.sum(d)) ** 2 / den if den > 0 else 0.0
+    return {"b": int((a & ~t).sum()), "c": int((~a & t).sum()), "statistic": stat,
+            "p_value": float(scipy_stats.chi2.sf(stat, 1)) if den > 0 else 1.0,
+            "n_clusters": g, "method": "clustered chi2 (Durkalski)"}
+
+
 def paired_difference_ci(n11: int, n10: int, n01: int, n00: int,
                          alpha: float = 0.05) -> tuple[float, float, float]:
     """(diff, lo, hi): Newcombe's hybrid score interval for the difference of two paired
@@ -712,7 +862,7 @@ def paired_difference_ci(n11: int, n10: int, n01: int, n00: int,
     return diff, max(-1.0, lo), min(1.0, hi)
 
 
-def paired_comparison(first, second, alpha: float = 0.05) -> dict:
+def paired_comparison(first, second, alpha: float = 0.05, clusters=None) -> dict:
     """Paired comparison of two binary outcomes on the same N units, in percent.
 
     Args:
@@ -728,23 +878,39 @@ def paired_comparison(first, second, alpha: float = 0.05) -> dict:
       and ``mcnemar`` from the exact McNemar test on the discordant counts b = n10, c = n01
       (:func:`mcnemar_from_counts`). The interval and the test answer the same question in two
       ways and can disagree at the margin (the interval can exclude 0 at p just above alpha).
+      clusters: [N] the units' patients, or None. Where a patient has several units (films
+        of one patient are not independent), ``p_value`` and ``mcnemar`` come from
+        :func:`clustered_mcnemar` and Newcombe's limits are moved away from ``diff`` by
+        ``sqrt(deff)``, the :func:`design_effect` of the per-unit differences (at least 1);
+        the result gains ``n_clusters`` and ``design_effect``.
     """
     fn = "paired_comparison"
     a = _labels(first, fn, "first")
     b = _labels(second, fn, "second")
     _same_length(fn, first=a, second=b)
+    _cluster_index(clusters, len(a), fn)
     n11, n10 = int((a & b).sum()), int((a & ~b).sum())
     n01, n00 = int((~a & b).sum()), int((~a & ~b).sum())
     diff, lo, hi = paired_difference_ci(n11, n10, n01, n00, alpha)
-    test = mcnemar_from_counts(n10, n01, exact=True)
+    extra: dict[str, Any] = {}
+    if has_repeats(clusters):
+        test = clustered_mcnemar(a, b, clusters)
+        deff = design_effect(a.astype(np.float64) - b.astype(np.float64), clusters)
+        deff = max(1.0, deff) if math.isfinite(deff) else 1.0
+        k = math.sqrt(deff)
+        lo, hi = max(-1.0, diff - k * (diff - lo)), min(1.0, diff + k * (hi - diff))
+        extra = {"n_clusters": test["n_clusters"], "design_effect": deff}
+    else:
+        test = mcnemar_from_counts(n10, n01, exact=True)
     n = len(a)
     return {"n": n, "n11": n11, "n10": n10, "n01": n01, "n00": n00,
             "rate_first": 100.0 * (n11 + n10) / n, "rate_second": 100.0 * (n11 + n01) / n,
             "diff": 100.0 * diff, "lo": 100.0 * lo, "hi": 100.0 * hi,
-            "p_value": test["p_value"], "mcnemar": test}
+            "p_value": test["p_value"], "mcnemar": test, **extra}
 
 
-def ols_paired_comparison(iol_first, iol_second, eta: float = 0.4, alpha: float = 0.05) -> dict:
+def ols_paired_comparison(iol_first, iol_second, eta: float = 0.4, alpha: float = 0.05,
+                          clusters=None) -> dict:
     """Paired OLS difference: two IOL vectors on the same N images (two models; or one model on
     originals and on transmitted images), McNemar on ``IOL < eta``.
 
@@ -755,7 +921,7 @@ def ols_paired_comparison(iol_first, iol_second, eta: float = 0.4, alpha: float 
     subset — so it can differ slightly from the difference of the two reported OLS, each of
     which uses all of its own non-empty maps) plus ``n_total`` (all images) and ``n_excluded``
     (images with an empty map on either side) and ``eta``. With no image left: n = 0 and NaN
-    figures, p = NaN.
+    figures, p = NaN. ``clusters [N]``: the images' patients, as in :func:`paired_comparison`.
     """
     fn = "ols_paired_comparison"
     a = _vector(iol_first, fn, "iol_first", allow_nan=True).astype(np.float64)
@@ -772,7 +938,9 @@ def ols_paired_comparison(iol_first, iol_second, eta: float = 0.4, alpha: float 
         return {"n": 0, "n11": 0, "n10": 0, "n01": 0, "n00": 0, "rate_first": nan,
                 "rate_second": nan, "diff": nan, "lo": nan, "hi": nan, "p_value": nan,
                 "mcnemar": None, **extra}
-    return {**paired_comparison(a[both] < eta, b[both] < eta, alpha), **extra}
+    _cluster_index(clusters, len(a), fn)
+    cl = None if clusters is None else np.asarray(clusters)[both]
+    return {**paired_comparison(a[both] < eta, b[both] < eta, alpha, cl), **extra}
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ __all__ = ["summarize", "model_summary", "compare_models", "interval_methods", "
 QC_SIDES = (("original", "qc_flags_orig"), ("transmitted", "qc_flags_trans"))
 #: Flagged pairs listed in ``summary.json["lung_qc"]["examples"]`` and ``report.md``.
 QC_EXAMPLES = 8
+#: Optional row column: the pair's patient (films of one patient are not independent; rows
+#: that carry it get patient-clustered intervals and tests where a patient has several pairs).
+PATIENT_COLUMN = "patient"
+#: IOL columns of a further lung convention: ``iol_orig_<name>``, ``iol_trans_<name>``
+#: (:func:`covidmt_jax.scoring.rows.row_columns`); the plain ``iol_*`` are the first's.
+_CONVENTION_IOL = re.compile(r"iol_orig_([a-z][a-z0-9]*)$")
 
 
 # ============================================================================ numbers
@@ -68,10 +74,27 @@ def error_kind(error: str) -> str:
     return error.split(":", 1)[0].strip()
 
 
-def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson") -> dict[str, str]:
-    """What each interval and test in a summary is (written to ``summary.json["intervals"]``)."""
+def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson", *,
+                     clustered: bool = False) -> dict[str, str]:
+    """What each interval and test in a summary is (written to ``summary.json["intervals"]``);
+    ``clustered``: the rows carry patients and some patient has several pairs."""
     level = f"{100 * (1 - alpha):g} %"
     name = {"clopper-pearson": "Clopper-Pearson exact", "wilson": "Wilson score"}[method]
+    if clustered:
+        return {
+            "level": level,
+            "proportions": f"{name} binomial {level} interval on the effective sample size of "
+                           "the patient-clustered rate (Korn-Graubard; several pairs of one patient "
+                           "are not independent)",
+            "denominators": "PI: the scored pairs; OLS: the images with a non-empty heat map; "
+                            "accuracy: the labelled pairs; sensitivity / specificity: their "
+                            "positives / negatives; error rate: all rows of the model",
+            "roc_auc": f"DeLong {level} interval (normal, clipped to [0, 1]; pairs as independent)",
+            "paired_difference": f"Newcombe hybrid score {level} interval widened by the square "
+                                 "root of the design effect of the patient clusters, in percentage points",
+            "mcnemar": "clustered McNemar (Durkalski 2003): (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 "
+                       "over patients k, chi-square with 1 degree of freedom",
+            "roc_auc_difference": f"DeLong paired test, normal {level} interval (pairs as independent)"}
     return {
         "level": level,
         "proportions": f"{name} binomial {level} interval",
@@ -84,6 +107,21 @@ def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson") -> di
                              "paired proportions, in percentage points",
         "mcnemar": "exact two-sided McNemar, p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)])",
         "roc_auc_difference": f"DeLong paired test, normal {level} interval"}
+
+
+def patients(rows: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """``[N]`` patient labels of the rows, or None without a :data:`PATIENT_COLUMN`; a row
+    without a patient ("") counts as a patient of its own."""
+    if PATIENT_COLUMN not in rows:
+        return None
+    p = np.asarray(rows[PATIENT_COLUMN], dtype=object)
+    return np.asarray([str(v) if v not in ("", None) else f"\0row{i}" for i, v in enumerate(p)], dtype=object)
+
+
+def further_conventions(rows: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the lung conventions after the first that the rows hold IOL for."""
+    return sorted(m.group(1) for c in rows if (m := _CONVENTION_IOL.match(c))
+                  and f"iol_trans_{m.group(1)}" in rows)
 
 
 def _pair_index(rows: Mapping[str, np.ndarray], model: str) -> dict[str, int]:
@@ -102,7 +140,8 @@ def _pair_index(rows: Mapping[str, np.ndarray], model: str) -> dict[str, int]:
 
 def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta: float = 0.4,
                   n_boot: int | None = None, seed: int | None = None, alpha: float = 0.05,
-                  method: str = "clopper-pearson") -> dict[str, Any]:
+                  method: str = "clopper-pearson",
+                  conventions: Sequence[str] | None = None) -> dict[str, Any]:
     """Scores of ONE model from its rows (columns of :data:`covidmt_jax.scoring.rows.ROW_COLUMNS`).
 
     Every proportion carries a binomial interval (``method``: "clopper-pearson", the default,
@@ -114,6 +153,14 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
     ``classification``, ``mcnemar_correct``, ``accuracy_orig_vs_trans``,
     ``roc_auc_orig_vs_trans``. Percentages for PI, OLS, error rate and the paired differences
     (percentage points); fractions in ``classification``.
+
+    With a :data:`PATIENT_COLUMN` and a patient with several scored pairs, the rates get
+    patient-clustered intervals and the paired tests the clustered McNemar test
+    (:func:`covidmt_jax.metrics.clustered_binomial_ci`, ``clustered_mcnemar``), and the result
+    gains ``n_patients``. With IOL under further lung conventions (``lungs=both``):
+    ``ols_by_convention`` = ``{convention: {"original", "transmitted"}}`` (the first convention
+    under ``conventions[0]``, default "first") and ``ols_convention_difference`` =
+    ``{convention: {side: paired comparison of IOL < eta, first minus that convention}}``.
 
     ``n_boot`` and ``seed`` are accepted for callers written for the percentile-bootstrap
     version and ignored: no interval resamples any more.
@@ -131,24 +178,43 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
     po = np.asarray(rows["prob_orig"], np.float64)[ok]
     pt = np.asarray(rows["prob_trans"], np.float64)[ok]
     do, dt = po >= threshold, pt >= threshold
-    pi = metrics.pi_score_ci(po, pt, threshold, alpha=alpha, method=method)
+    pts = patients(rows)
+    cl = pts[ok] if pts is not None and metrics.has_repeats(pts[ok]) else None
+    if pts is not None:
+        out["n_patients"] = int(len(set(pts[ok].tolist())))
+    pi = metrics.pi_score_ci(po, pt, threshold, alpha=alpha, method=method, clusters=cl)
+    direction = metrics.mcnemar(do, dt) if cl is None else metrics.clustered_mcnemar(do, dt, cl)
     out["pi"] = {**_ci(pi), "n": int(ok.sum()), "n_flips": int((do != dt).sum()),
                  "pos_to_neg": int((do & ~dt).sum()), "neg_to_pos": int((~do & dt).sum()),
-                 "mcnemar_direction": metrics.mcnemar(do, dt)}
+                 "mcnemar_direction": direction}
     out["ols"] = {}
     iols = {}
     for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans")):
         iol = iols[side] = np.asarray(rows[key], np.float64)[ok]
-        out["ols"][side] = _ols_side(iol, eta, alpha, method)
+        out["ols"][side] = _ols_side(iol, eta, alpha, method, cl)
     if all(col in rows for _, col in QC_SIDES):
         out["ols_without_flagged"] = {}
         for side, col in QC_SIDES:
             flagged = np.asarray([bool(parse_flags(f)) for f in np.asarray(rows[col], dtype=object)[ok]],
                                  bool)
-            out["ols_without_flagged"][side] = {**_ols_side(iols[side][~flagged], eta, alpha, method),
-                                                "n_flagged": int(flagged.sum())}
+            out["ols_without_flagged"][side] = {
+                **_ols_side(iols[side][~flagged], eta, alpha, method, None if cl is None else cl[~flagged]),
+                "n_flagged": int(flagged.sum())}
     out["ols_orig_vs_trans"] = metrics.ols_paired_comparison(iols["original"], iols["transmitted"],
-                                                             eta, alpha)
+                                                             eta, alpha, clusters=cl)
+    further = further_conventions(rows)
+    if further:
+        names = list(conventions or ["first", *further])
+        out["ols_by_convention"] = {names[0]: out["ols"]}
+        out["ols_convention_difference"] = {}
+        for conv in further:
+            other = {side: np.asarray(rows[f"{key}_{conv}"], np.float64)[ok]
+                     for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans"))}
+            out["ols_by_convention"][conv] = {side: _ols_side(v, eta, alpha, method, cl)
+                                              for side, v in other.items()}
+            out["ols_convention_difference"][conv] = {
+                side: metrics.ols_paired_comparison(iols[side], other[side], eta, alpha, clusters=cl)
+                for side in other}
     out["lung_frac"] = {"original": float(np.mean(np.asarray(rows["lung_frac_orig"])[ok])),
                         "transmitted": float(np.mean(np.asarray(rows["lung_frac_trans"])[ok]))}
     labels = np.asarray(rows["label"])[ok]
@@ -156,24 +222,27 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
     out["n_labelled"] = int(known.sum())
     if known.any():
         y = labels[known].astype(bool)
+        ck = None if cl is None else cl[known]
         out["classification"] = {
-            side: metrics.classification_report(y, p[known], threshold, alpha=alpha, method=method)
+            side: metrics.classification_report(y, p[known], threshold, alpha=alpha, method=method,
+                                                clusters=ck)
             for side, p in (("original", po), ("transmitted", pt))}
-        out["mcnemar_correct"] = metrics.mcnemar(do[known], dt[known], labels=y)
+        out["mcnemar_correct"] = (metrics.mcnemar(do[known], dt[known], labels=y) if ck is None else
+                                  metrics.clustered_mcnemar(do[known] == y, dt[known] == y, ck))
         out["accuracy_orig_vs_trans"] = metrics.paired_comparison(do[known] == y, dt[known] == y,
-                                                                  alpha)
+                                                                  alpha, clusters=ck)
         out["roc_auc_orig_vs_trans"] = metrics.roc_auc_compare(y, po[known], pt[known], alpha)
     return out
 
 
-def _ols_side(iol: np.ndarray, eta: float, alpha: float, method: str) -> dict[str, Any]:
+def _ols_side(iol: np.ndarray, eta: float, alpha: float, method: str, clusters=None) -> dict[str, Any]:
     """OLS of one side's IOLs: :func:`covidmt_jax.metrics.ols_counts` with its binomial interval
     and the mean IOL (no image at all, e.g. every one flagged: counts 0, score NaN)."""
     if not len(iol):
         nan = float("nan")
         return {"score": nan, "n_total": 0, "n_used": 0, "n_empty": 0, "n_out": 0,
                 "eta": float(eta), "empty": "exclude", "lo": nan, "hi": nan, "mean_iol": nan}
-    s = metrics.ols_score_ci(iol, eta, alpha=alpha, method=method)
+    s = metrics.ols_score_ci(iol, eta, alpha=alpha, method=method, clusters=clusters)
     return {**metrics.ols_counts(iol, eta), "lo": s[1], "hi": s[2],
             "mean_iol": float(np.nanmean(iol)) if np.isfinite(iol).any() else float("nan")}
 
@@ -236,8 +305,12 @@ def compare_models(rows: Mapping[str, np.ndarray], model_a: str, model_b: str, *
         t = thresholds.get(m, 0.5)
         return (col(m, "prob_orig") >= t) != (col(m, "prob_trans") >= t)
 
-    out["pi"] = metrics.paired_comparison(flips(model_a), flips(model_b), alpha)
-    out["ols"] = {side: metrics.ols_paired_comparison(col(model_a, key), col(model_b, key), eta, alpha)
+    pts = patients(sub[model_a])
+    cl = pts[take[model_a]] if pts is not None else None
+    cl = cl if cl is not None and metrics.has_repeats(cl) else None
+    out["pi"] = metrics.paired_comparison(flips(model_a), flips(model_b), alpha, clusters=cl)
+    out["ols"] = {side: metrics.ols_paired_comparison(col(model_a, key), col(model_b, key), eta, alpha,
+                                                      clusters=cl)
                   for side, key in (("original", "iol_orig"), ("transmitted", "iol_trans"))}
     labels = col(model_a, "label")
     known = labels >= 0
@@ -252,7 +325,8 @@ def compare_models(rows: Mapping[str, np.ndarray], model_a: str, model_b: str, *
 def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: float = 0.4,
               n_boot: int | None = None, seed: int | None = None,
               thresholds: Mapping[str, float] | None = None, alpha: float = 0.05,
-              method: str = "clopper-pearson") -> dict[str, Any]:
+              method: str = "clopper-pearson",
+              conventions: Sequence[str] | None = None) -> dict[str, Any]:
     """``{"models": {name: model_summary}, "comparisons": [compare_models for each pair of
     models, in the order given], "n_pairs", "n_pairs_with_error", "eta", "alpha", "ci",
     "intervals"}`` and, when the rows have the QC columns, ``"lung_qc"``
@@ -271,15 +345,22 @@ def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: flo
         sel = model == m
         mine = {k: np.asarray(v)[sel] for k, v in rows.items()}
         _pair_index(mine, m)  # one scored row per pair, or a clear error
-        per[m] = model_summary(mine, thresholds.get(m, 0.5), eta=eta, alpha=alpha, method=method)
+        per[m] = model_summary(mine, thresholds.get(m, 0.5), eta=eta, alpha=alpha, method=method,
+                               conventions=conventions)
     comparisons = [compare_models(rows, a, b, thresholds=thresholds, eta=eta, alpha=alpha)
                    for i, a in enumerate(models) for b in models[i + 1:]]
     ids = np.asarray(rows["pair_id"], dtype=object)
     bad = ids[np.asarray(rows["error"], dtype=object) != ""]
-    intervals = interval_methods(alpha, method)
+    pts = patients(rows)
+    clustered = pts is not None and any("n_clusters" in (s.get("ols_orig_vs_trans") or {})
+                                        or s.get("pi", {}).get("mcnemar_direction", {}).get("n_clusters")
+                                        for s in per.values())
+    intervals = interval_methods(alpha, method, clustered=clustered)
     out = {"models": per, "comparisons": comparisons, "n_pairs": int(len(set(ids.tolist()))),
            "n_pairs_with_error": int(len(set(bad.tolist()))), "eta": float(eta),
            "alpha": float(alpha), "ci": intervals["proportions"], "intervals": intervals}
+    if pts is not None:
+        out["n_patients"] = int(len(set(pts.tolist())))
     qc = lung_qc_summary(rows)
     if qc is not None:
         out["lung_qc"] = qc
@@ -465,6 +546,16 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
           "hybrid score interval, in percentage points (pp), and McNemar's exact test "
           "(p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]), b and c the discordant counts). "
           "Scores use the rows without an error; pairs with an error are counted below.", ""]
+    if summary.get("n_patients") is not None:
+        if "clustered" in iv.get("mcnemar", ""):
+            L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, some "
+                  "with several pairs, which are not independent: rates use the "
+                  f"{iv.get('proportions', '')}; paired differences the {iv.get('paired_difference', '')}; "
+                  f"paired p-values the {iv.get('mcnemar', '')}. ROC-AUC intervals treat pairs as "
+                  "independent.", ""]
+        else:
+            L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, one pair "
+                  "each: the intervals above hold as they are.", ""]
     L += ["## Prediction instability (cf. Table 2)", ""]
     body = []
     for m in models:
@@ -502,6 +593,7 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
               "only):", ""]
         L += _md_table(["model", "pairs", "OLS % orig", "OLS % trans", "orig − trans pp [95 % CI]",
                         "b", "c", "McNemar exact p", "pairs excluded (empty map)"], body)
+    L += _convention_section(summary, eta)
     L += ["![OLS](ols.png)", "", "![IOL histograms](iol_hist.png)", ""]
     L += _qc_section(summary)
     comparisons = [c for c in summary.get("comparisons", []) if c.get("n_pairs")]
@@ -587,6 +679,36 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
     path = workdir / "report.md"
     path.write_text("\n".join(L))
     return path
+
+
+def _convention_section(summary: Mapping[str, Any], eta: float) -> list[str]:
+    """OLS under each lung convention side by side (``lungs=both``), and the paired difference."""
+    models = [m for m, s in summary["models"].items() if s.get("ols_by_convention")]
+    if not models:
+        return []
+    L = ["### OLS by lung definition", "",
+         "The same heat maps against each convention's lung mask: how much OLS depends on what "
+         "counts as lung.", ""]
+    body = []
+    for m in models:
+        for conv, o in summary["models"][m]["ols_by_convention"].items():
+            so, st = o.get("original") or {}, o.get("transmitted") or {}
+            body.append([m, conv, _with_ci(so), _with_ci(st), _f(so.get("mean_iol"), 3),
+                         _f(st.get("mean_iol"), 3)])
+    L += _md_table(["model", "lungs", "OLS % original [CI]", "OLS % transmitted [CI]",
+                    "mean IOL orig", "mean IOL trans"], body)
+    body = []
+    for m in models:
+        first = next(iter(summary["models"][m]["ols_by_convention"]))
+        for conv, sides in summary["models"][m].get("ols_convention_difference", {}).items():
+            for side, c in sides.items():
+                body.append([m, f"{first} − {conv}", side, *_paired_cells(c)])
+    if body:
+        L += [f"Paired on the same images (McNemar on IOL < {eta}; b = out of the lungs under the "
+              "first definition only, c = under the second only):", ""]
+        L += _md_table(["model", "lungs", "side", "images", "OLS % first", "OLS % second",
+                        "diff pp [95 % CI]", "b", "c", "McNemar p"], body)
+    return L
 
 
 def _flag_cell(flags: Sequence[str]) -> str:

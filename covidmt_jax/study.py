@@ -67,11 +67,11 @@ AUX_TASKS = {
     "tb": {"name": "tb", "kind": "classification", "dataset": "tb", "label": "tb"},
     "lungbox": {"name": "lungbox", "kind": "box", "dataset": "tb", "label": "lung"},
 }
-ROW_COLUMNS = ("model", "pair_id", "error", "label", "source", "convention", "prob_orig", "prob_trans",
+ROW_COLUMNS = ("model", "pair_id", "patient", "error", "label", "source", "convention", "prob_orig", "prob_trans",
                "iol_orig", "iol_trans", "iol_unet_orig", "iol_unet_trans", "lung_frac_orig",
                "lung_frac_trans", "unet_lung_frac_orig", "unet_lung_frac_trans", "cam_border_orig",
                "cam_border_trans", "cam_outside_orig", "cam_outside_trans")
-_TEXT = ("model", "pair_id", "error", "source", "convention")
+_TEXT = ("model", "pair_id", "patient", "error", "source", "convention")
 
 
 # ============================================================================ configuration
@@ -294,13 +294,13 @@ def read_rows(paths: Path | Sequence[Path]) -> dict[str, np.ndarray]:
             part = list(csv.DictReader(f))
         if not part:
             raise ValueError(f"{path}: no rows")
-        missing = [c for c in ROW_COLUMNS if c not in part[0]]
+        missing = [c for c in ROW_COLUMNS if c not in part[0] and c != "patient"]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}")
         rows += part
     out = {}
-    for c in ROW_COLUMNS:
-        vals = [r[c] for r in rows]
+    for c in ROW_COLUMNS:  # rows written before the patient column: "" (no clustering)
+        vals = [r.get(c, "") for r in rows]
         out[c] = np.array(vals, dtype=object) if c in _TEXT else np.array(
             [float(v) if v not in ("", "nan") else np.nan for v in vals], np.float64)
     return out
@@ -365,7 +365,8 @@ def score_seed(cfg: ml_collections.ConfigDict, seed: int, exports: Mapping[str, 
                     res[f"unet_lung_frac_{side}"] = np.asarray(out["lung_frac"])
                     res[f"cam_border_{side}"], res[f"cam_outside_{side}"] = cam_mass_fractions(cam, lung, band)
                 for j, r in enumerate(recs):
-                    row = {"model": arm, "pair_id": r["id"], "error": "", "label": int(r["labels"][0]),
+                    row = {"model": arm, "pair_id": r["id"], "patient": f"{r['meta']['patient_id']}",
+                           "error": "", "label": int(r["labels"][0]),
                            "source": r["meta"]["source"], "convention": r["meta"]["convention"],
                            "lung_frac_orig": float(lung[j].mean()), "lung_frac_trans": float(lung[j].mean())}
                     for k, v in res.items():
@@ -587,6 +588,7 @@ def across_seeds(study: Mapping[str, Any], arms: Sequence[str], condition: str,
                                 else (float("nan"),) * 3)
                 sig = [d for d, p in zip(diffs, ps) if np.isfinite(p) and p < 0.05]
                 cmp[k] = {"per_seed": diffs.tolist(), "p_values": ps, "mean": mean, "lo": lo, "hi": hi,
+                          "n_seeds": int(len(ok)), "sd": float(ok.std(ddof=1)) if len(ok) > 1 else float("nan"),
                           "n_p_below_05_up": int(sum(d > 0 for d in sig)),
                           "n_p_below_05_down": int(sum(d < 0 for d in sig))}
             out["comparisons"].append(cmp)
@@ -718,10 +720,13 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
     if acr and len(acr["seeds"]) > 1:
         n = len(acr["seeds"])
         L += [f"## Across seeds ({main}; seeds {acr['seeds']})", "",
-              f"Per arm: mean ± sd of the {n} per-seed figures. Paired differences: per-seed values and "
-              f"their mean with a t 95 % interval over the seeds ({n - 1} degrees of freedom); the seed is "
-              "the unit of replication, so the interval covers training variation on these test films, "
-              "not the sampling of test films (the per-seed intervals above cover that).", ""]
+              f"Per arm: mean ± sd of the per-seed figures ({n} seeds; a seed without a figure, e.g. no "
+              "OLS when every map is empty, is left out). Paired differences: per-seed values and their "
+              "mean with a t 95 % interval over the k seeds with a value (k - 1 degrees of freedom; k is "
+              f"shown where it is below {n}); the seed is the unit of replication, so the interval covers "
+              "training variation on these test films, not the sampling of test films (the per-seed "
+              "intervals above cover that). Where every seed gives the same difference there is no "
+              "between-seed spread to build an interval from, and none is shown.", ""]
         def fin(x: Any) -> bool:  # None: a NaN after a round trip through study.json
             return x is not None and bool(np.isfinite(x))
         def msd(v: Mapping) -> str:
@@ -732,10 +737,17 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
                     [[a] + [msd(acr["arms"][a][k]) for k in ACROSS_SEED_ARM_METRICS] for a in arms])
         def diff(v: Mapping) -> str:
             vals = ", ".join("–" if not fin(x) else f"{x:+.3g}" for x in v["per_seed"])
-            ci = "" if not fin(v["lo"]) else f" [{v['lo']:+.3g}, {v['hi']:+.3g}]"
+            k = v.get("n_seeds", n)  # study.json files written before n_seeds was recorded
+            if fin(v["lo"]):
+                ci = f" [{v['lo']:+.3g}, {v['hi']:+.3g}]"
+            elif k > 1 and v.get("sd") == 0:
+                ci = " [no between-seed spread]"
+            else:
+                ci = ""
             if not fin(v["mean"]):
                 return "–"
-            return (f"{v['mean']:+.3g}{ci} ({vals}; p < 0.05: {v['n_p_below_05_up']} up, "
+            seeds = f"; {k} seeds" if k < n else ""
+            return (f"{v['mean']:+.3g}{ci} ({vals}{seeds}; p < 0.05: {v['n_p_below_05_up']} up, "
                     f"{v['n_p_below_05_down']} down)")
         L += _table(["arms (first minus second)"]
                     + [f"{ACROSS_SEED_LABELS[k]} diff" for k in ACROSS_SEED_DIFF_METRICS],

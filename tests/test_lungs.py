@@ -295,7 +295,7 @@ def test_score_with_both_conventions_end_to_end(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "configs" / "score_demo.py"
     work = tmp_path / "run"
     argv = ["score", f"--config={demo}:model={d},lungs=both,n=4,size=64,name=resnet18", f"--workdir={work}",
-            "--config.batch_size=4", "--config.n_boot=50", "--config.progress=False"]
+            "--config.batch_size=4", "--config.progress=False"]
     assert score.main(argv) == 0
     with open(work / "rows.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -303,8 +303,14 @@ def test_score_with_both_conventions_end_to_end(tmp_path):
     assert {"iol_orig", "iol_trans", "iol_orig_anatomical", "lung_frac_orig_anatomical"} <= set(rows[0])
     ok = [r for r in rows if not r["error"]]
     assert ok and all(0 < float(r["lung_frac_orig_anatomical"]) < 1 for r in ok)
-    summary = (work / "summary.json").read_text()
-    assert "anatomical" in summary
+    import json
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["job"]["lung_conventions"] == ["fields", "anatomical"]
+    by = summary["models"]["resnet18"]["ols_by_convention"]  # OLS under each lung definition
+    assert list(by) == ["fields", "anatomical"] and set(by["anatomical"]) == {"original", "transmitted"}
+    assert by["anatomical"]["original"]["n_total"] == len(ok)
+    assert set(summary["models"]["resnet18"]["ols_convention_difference"]["anatomical"]) == {"original", "transmitted"}
+    assert "### OLS by lung definition" in (work / "report.md").read_text()
 
 
 def _tiny_lung_sets(size: int = 32):

@@ -650,9 +650,148 @@ def test_clustered_mean_ci_keeps_coverage_where_the_naive_interval_does_not():
 def test_clustered_mean_ci_edge_cases_and_bad_input():
     mean, lo, hi = M.clustered_mean_ci([0.8, 0.9, 1.0], ["a", "a", "a"])  # one patient: no interval
     assert mean == pytest.approx(0.9) and math.isnan(lo) and math.isnan(hi)
+    # every value equal (e.g. PI 0 in both arms of every seed): no spread, so no interval, as
+    # scipy's t.interval; a zero-width "95 %" interval would claim certainty
+    from scipy import stats as scipy_stats
+    for same in ([0.0, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]):
+        with np.errstate(invalid="ignore"):
+            ref = scipy_stats.t.interval(0.95, len(same) - 1, loc=np.mean(same), scale=scipy_stats.sem(same))
+        assert all(math.isnan(v) for v in ref)
+        mean, lo, hi = M.clustered_mean_ci(same)
+        assert mean == pytest.approx(same[0]) and math.isnan(lo) and math.isnan(hi)
+    # clusters whose means all equal the overall mean have a zero cluster-robust standard error too
+    mean, lo, hi = M.clustered_mean_ci([0.2, 0.4, 0.1, 0.5], ["a", "a", "b", "b"])
+    assert mean == pytest.approx(0.3) and math.isnan(lo) and math.isnan(hi)
     with pytest.raises(ValueError, match="clustered_mean_ci: clusters must be a 1-D array of the values' length 3"):
         M.clustered_mean_ci([0.8, 0.9, 1.0], ["a", "b"])
     with pytest.raises(ValueError, match="clustered_mean_ci: values contains 1 NaN"):
         M.clustered_mean_ci([0.8, float("nan"), 1.0])
     with pytest.raises(ValueError, match="clustered_mean_ci: alpha"):
         M.clustered_mean_ci([0.8, 0.9], alpha=1.5)
+
+
+# ----------------------------------------------------------------- films that share patients
+def _clustered_outcomes(rng, p, n_patients, rho, max_films=3):
+    """0/1 outcomes of 1..max_films films per patient; a film takes its patient's outcome with
+    probability rho (films of one patient alike) and its own otherwise; marginal rate p."""
+    sizes = rng.integers(1, max_films + 1, n_patients)
+    patient = np.repeat(np.arange(n_patients), sizes)
+    shared = rng.random(n_patients) < p
+    own = rng.random(len(patient)) < p
+    return np.where(rng.random(len(patient)) < rho, shared[patient], own), patient
+
+
+def test_clustered_binomial_ci_is_the_exact_interval_with_one_film_per_patient():
+    from statsmodels.stats.proportion import proportion_confint
+    rng = np.random.default_rng(0)
+    for n, rate in ((50, 0.2), (30, 0.0), (12, 1.0)):
+        x = rng.random(n) < rate
+        for method, sm_name in (("clopper-pearson", "beta"), ("wilson", "wilson")):
+            p, lo, hi = M.clustered_binomial_ci(x, [f"pt{i}" for i in range(n)], method=method)
+            assert p == pytest.approx(x.mean())
+            assert (lo, hi) == pytest.approx(proportion_confint(int(x.sum()), n, method=sm_name), abs=1e-12)
+            assert (lo, hi) == pytest.approx(M.clustered_binomial_ci(x, None, method=method)[1:], abs=1e-12)
+
+
+def test_design_effect_uses_the_cluster_robust_variance_of_statsmodels():
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(1)
+    x, patient = _clustered_outcomes(rng, 0.3, 40, 0.8)
+    xf = x.astype(np.float64)
+    fit = sm.OLS(xf, np.ones((len(xf), 1))).fit(cov_type="cluster", cov_kwds={"groups": patient})
+    want = fit.bse[0] ** 2 / (np.var(xf, ddof=1) / len(xf))
+    assert M.design_effect(xf, patient) == pytest.approx(want, rel=1e-10)
+    assert M.design_effect(xf, np.arange(len(xf))) == pytest.approx(1.0, rel=1e-12)
+    assert M.design_effect(xf, patient) > 1.3  # films of a patient alike: less information
+
+
+def test_clustered_binomial_ci_keeps_coverage_where_the_film_level_interval_does_not():
+    rng = np.random.default_rng(2)
+    for p, n_patients in ((0.1, 60), (0.05, 100)):
+        covered = {"films": 0, "patients": 0}
+        reps = 800
+        for _ in range(reps):
+            x, patient = _clustered_outcomes(rng, p, n_patients, 0.9)
+            lo, hi = M.binomial_ci(int(x.sum()), len(x))
+            covered["films"] += lo <= p <= hi
+            _, lo, hi = M.clustered_binomial_ci(x, patient)
+            covered["patients"] += lo <= p <= hi
+        assert covered["patients"] / reps >= 0.935, (p, covered)
+        assert covered["films"] / reps < 0.90, (p, covered)
+
+
+def test_clustered_binomial_ci_edge_cases():
+    # no success: the exact bound over the patients (the worst case: films of a patient alike)
+    p, lo, hi = M.clustered_binomial_ci([False] * 6, ["a", "a", "b", "b", "c", "d"])
+    assert (p, lo) == (0.0, 0.0) and hi == pytest.approx(M.binomial_ci(0, 4)[1])
+    p, lo, hi = M.clustered_binomial_ci([True] * 6, ["a", "a", "b", "b", "c", "d"])
+    assert (p, hi) == (1.0, 1.0) and lo == pytest.approx(M.binomial_ci(4, 4)[0])
+    p, lo, hi = M.clustered_binomial_ci([True, False, True], ["a", "a", "a"])  # one patient
+    assert p == pytest.approx(2 / 3) and math.isnan(lo) and math.isnan(hi)
+    assert all(math.isnan(v) for v in M.clustered_binomial_ci([], []))  # e.g. no positive film
+    rep = M.classification_report([0, 0, 0], [0.2, 0.7, 0.1], clusters=["a", "a", "b"])
+    assert math.isnan(rep["sensitivity"]) and all(math.isnan(v) for v in rep["ci"]["sensitivity"])
+    # never narrower than the film-level interval, even when patients differ more than films do
+    x = np.array([True, False] * 20)
+    _, lo, hi = M.clustered_binomial_ci(x, np.repeat(np.arange(20), 2))
+    lo0, hi0 = M.binomial_ci(20, 40)
+    assert lo <= lo0 + 1e-12 and hi >= hi0 - 1e-12
+    with pytest.raises(ValueError, match="clustered_binomial_ci: clusters must be a 1-D array of the values' length 3"):
+        M.clustered_binomial_ci([True, False, True], ["a", "b"])
+
+
+def test_clustered_mcnemar_reduces_to_mcnemar_and_keeps_its_size_with_clusters():
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+    rng = np.random.default_rng(3)
+    a, b = rng.random(80) < 0.3, rng.random(80) < 0.45
+    table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+    want = sm_mcnemar(table, exact=False, correction=False)
+    got = M.clustered_mcnemar(a, b, np.arange(80))
+    assert got["statistic"] == pytest.approx(want.statistic) and got["p_value"] == pytest.approx(want.pvalue)
+    assert M.clustered_mcnemar(a, a, np.arange(80))["p_value"] == 1.0  # no discordant film
+    rejected = {"films": 0, "patients": 0}
+    covered = {"films": 0, "patients": 0}
+    reps = 600
+    for _ in range(reps):  # the null: first-only and second-only equally likely, alike within a patient
+        sizes = rng.integers(1, 5, 60)
+        patient = np.repeat(np.arange(60), sizes)
+        kind = rng.choice([1, -1, 0], size=60, p=[0.15, 0.15, 0.7])
+        own = rng.choice([1, -1, 0], size=len(patient), p=[0.15, 0.15, 0.7])
+        k = np.where(rng.random(len(patient)) < 0.9, kind[patient], own)
+        for key, cl in (("films", None), ("patients", patient)):
+            r = M.paired_comparison(k == 1, k == -1, clusters=cl)
+            rejected[key] += r["p_value"] < 0.05
+            covered[key] += r["lo"] <= 0 <= r["hi"]
+    assert rejected["patients"] / reps <= 0.075 and rejected["films"] / reps > 0.12, rejected
+    assert covered["patients"] / reps >= 0.925 and covered["films"] / reps < 0.85, covered
+
+
+def test_paired_and_rate_functions_take_patients():
+    rng = np.random.default_rng(4)
+    x, patient = _clustered_outcomes(rng, 0.3, 30, 0.9)
+    y, _ = _clustered_outcomes(rng, 0.3, 30, 0.9)
+    y = y[: len(x)] if len(y) >= len(x) else np.resize(y, len(x))
+    r = M.paired_comparison(x, y, clusters=patient)
+    plain = M.paired_comparison(x, y)
+    assert r["diff"] == pytest.approx(plain["diff"]) and r["n_clusters"] == 30
+    assert r["lo"] <= plain["lo"] and r["hi"] >= plain["hi"] and r["design_effect"] >= 1.0
+    assert r["mcnemar"]["method"] == "clustered chi2 (Durkalski)"
+    one_each = M.paired_comparison(x, y, clusters=np.arange(len(x)))
+    assert one_each == plain  # no patient with two films: the exact test and Newcombe's interval
+    prob = np.where(x, 0.9, 0.1)
+    prob_t = np.where(y, 0.9, 0.1)
+    pi, lo, hi = M.pi_score_ci(prob, prob_t, clusters=patient)
+    flips = x != y
+    want = M.clustered_binomial_ci(flips, patient)
+    assert (pi, lo, hi) == pytest.approx(tuple(100 * v for v in want))
+    iol = np.where(x, 0.2, 0.8)
+    iol[0] = np.nan  # an empty map: not one of the images the interval is over
+    used = np.isfinite(iol)
+    ols = M.ols_score_ci(iol, 0.4, clusters=patient)
+    assert ols == pytest.approx(tuple(100 * v for v in M.clustered_binomial_ci(x[used], patient[used])))
+    rep = M.classification_report(x, np.where(y, 0.8, 0.3), clusters=patient)
+    assert rep["ci"]["method"] == "clopper-pearson, clustered (Korn-Graubard)"
+    assert rep["ci"]["sensitivity"] == pytest.approx(list(M.clustered_binomial_ci(y[x], patient[x])[1:]))
+    assert rep["ci"]["roc_auc_method"] == "DeLong (films as independent)"
+    assert M.classification_report(x, np.where(y, 0.8, 0.3), clusters=np.arange(len(x))) == \
+        M.classification_report(x, np.where(y, 0.8, 0.3))

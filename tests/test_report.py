@@ -241,3 +241,96 @@ def test_row_store_round_trip(tmp_path, fmt):
     assert back["qc_flags_orig"][4] == "fraction;confidence" and back["qc_flags_trans"][0] == ""
     store.compact(back)   # the typed columns written back keep the QC cells
     assert store.read()["qc_flags_orig"].tolist() == rows["qc_flags_orig"].tolist()
+
+
+# ------------------------------------------------------------ patients with several pairs
+def _two_model_rows_with_patients(n_patients=40, seed=0):
+    """Rows of two models on the same pairs; 1-3 pairs per patient, alike within a patient."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 4, n_patients)
+    patient = np.repeat([f"pt{k}" for k in range(n_patients)], sizes)
+    n = len(patient)
+    idx = np.repeat(np.arange(n_patients), sizes)
+    base = rng.random(n_patients)
+    rows = {c: [] for c in ROW_COLUMNS + ("patient",)}
+    for m, shift in (("a", 0.0), ("b", 0.15)):
+        po = np.clip(base[idx] + rng.normal(0, 0.05, n), 0, 1)
+        pt = np.clip(po + rng.normal(shift, 0.1, n), 0, 1)
+        iol_o = np.clip(base[idx] + rng.normal(0, 0.1, n), 0, 1)
+        iol_t = np.clip(iol_o + rng.normal(0, 0.05, n), 0, 1)
+        for i in range(n):
+            vals = dict(pair_id=f"f{i}", index=i, label=int(base[idx[i]] > 0.5), model=m,
+                        prob_orig=po[i], prob_trans=pt[i], pred_orig=int(po[i] >= .5),
+                        pred_trans=int(pt[i] >= .5), flip=int((po[i] >= .5) != (pt[i] >= .5)),
+                        iol_orig=iol_o[i], iol_trans=iol_t[i], lung_frac_orig=0.3, lung_frac_trans=0.3,
+                        heat_frac_orig=0.2, heat_frac_trans=0.2, orig_h=64, orig_w=64, trans_h=64,
+                        trans_w=64, error="", qc_flags_orig="", qc_flags_trans="", patient=patient[i])
+            for c in rows:
+                rows[c].append(vals[c])
+    text = ("pair_id", "model", "error", "qc_flags_orig", "qc_flags_trans", "patient")
+    return {c: np.asarray(v, dtype=object if c in text else float) for c, v in rows.items()}
+
+
+def test_rows_with_patients_get_clustered_intervals_and_tests(tmp_path):
+    rows = _two_model_rows_with_patients()
+    summary = report.summarize(rows, ["a", "b"], eta=0.4)
+    a = rows["model"] == "a"
+    pt = rows["patient"][a]
+    assert summary["n_patients"] == 40 and summary["models"]["a"]["n_patients"] == 40
+    s = summary["models"]["a"]
+    flips = (rows["prob_orig"][a] >= 0.5) != (rows["prob_trans"][a] >= 0.5)
+    want = metrics.clustered_binomial_ci(flips, pt)
+    assert (s["pi"]["score"], s["pi"]["lo"], s["pi"]["hi"]) == pytest.approx(tuple(100 * v for v in want))
+    out = rows["iol_orig"][a] < 0.4
+    assert (s["ols"]["original"]["lo"], s["ols"]["original"]["hi"]) == pytest.approx(
+        tuple(100 * v for v in metrics.clustered_binomial_ci(out, pt)[1:]))
+    assert s["classification"]["original"]["ci"]["method"].endswith("clustered (Korn-Graubard)")
+    assert s["ols_orig_vs_trans"]["mcnemar"]["method"] == "clustered chi2 (Durkalski)"
+    c = summary["comparisons"][0]
+    assert c["pi"]["n_clusters"] == 40 and c["ols"]["original"]["n_clusters"] == 40
+    assert "Korn-Graubard" in summary["intervals"]["proportions"]
+    assert "Durkalski" in summary["intervals"]["mcnemar"]
+    # wider than the film-level interval, which takes the films as independent
+    plain = report.summarize({k: v for k, v in rows.items() if k != "patient"}, ["a", "b"], eta=0.4)
+    assert "n_patients" not in plain
+    p0 = plain["models"]["a"]["pi"]
+    assert s["pi"]["lo"] <= p0["lo"] and s["pi"]["hi"] >= p0["hi"] and s["pi"]["hi"] - s["pi"]["lo"] > p0["hi"] - p0["lo"]
+    text = report.write_report(tmp_path, summary, rows).read_text()
+    assert f"come from 40 patients, some with several pairs" in text and "Durkalski" in text
+
+
+def test_rows_with_one_pair_per_patient_keep_the_exact_intervals():
+    rows = _two_model_rows_with_patients()
+    rows = dict(rows, patient=np.asarray([f"x{i}" for i in range(len(rows["pair_id"]))], dtype=object))
+    with_pt = report.summarize(rows, ["a", "b"], eta=0.4)
+    plain = report.summarize({k: v for k, v in rows.items() if k != "patient"}, ["a", "b"], eta=0.4)
+    assert with_pt.pop("n_patients") == len(rows["pair_id"])
+    for m in ("a", "b"):
+        assert with_pt["models"][m].pop("n_patients") == len(rows["pair_id"]) // 2
+    assert json.dumps(report.jsonable(with_pt), sort_keys=True) == json.dumps(report.jsonable(plain), sort_keys=True)
+
+
+# ------------------------------------------------------------ OLS under two lung definitions
+def test_ols_by_convention_side_by_side(tmp_path):
+    rows, po, pt, labels, iol_o, iol_t = _rows()
+    # a larger (anatomical) lung mask holds more of each heat map: higher IOL, lower OLS
+    rows["iol_orig_anatomical"] = np.where(np.isnan(iol_o.tolist() + [np.nan, np.nan]), np.nan,
+                                           np.clip(rows["iol_orig"] + 0.25, 0, 1))
+    rows["iol_trans_anatomical"] = np.clip(rows["iol_trans"] + 0.25, 0, 1)
+    s = report.summarize(rows, ["m"], eta=0.4, conventions=["fields", "anatomical"])
+    m = s["models"]["m"]
+    assert list(m["ols_by_convention"]) == ["fields", "anatomical"]
+    assert m["ols_by_convention"]["fields"] == m["ols"]
+    ok = rows["error"] == ""
+    for side, key in (("original", "iol_orig_anatomical"), ("transmitted", "iol_trans_anatomical")):
+        got = m["ols_by_convention"]["anatomical"][side]
+        assert got["score"] == pytest.approx(metrics.ols_score(rows[key][ok], 0.4))
+        d = m["ols_convention_difference"]["anatomical"][side]
+        first = rows[key.replace("_anatomical", "")][ok]
+        want = metrics.ols_paired_comparison(first, rows[key][ok], 0.4)
+        assert d["diff"] == pytest.approx(want["diff"]) and d["p_value"] == pytest.approx(want["p_value"])
+    assert m["ols_by_convention"]["anatomical"]["original"]["score"] < m["ols"]["original"]["score"]
+    text = report.write_report(tmp_path, s, rows).read_text()
+    assert "### OLS by lung definition" in text and "| m | fields − anatomical | original |" in text
+    # rows of one convention: no such block
+    assert "ols_by_convention" not in report.summarize(_rows()[0], ["m"])["models"]["m"]

@@ -73,7 +73,6 @@ def _cfg(exported, names=("resnet18",), n=8, **pairs) -> ml_collections.ConfigDi
     c.image_size = S
     c.batch_size = 4
     c.num_workers = 2
-    c.n_boot = 100
     c.gallery.flipped = 2
     c.gallery.random = 2
     c.progress = False
@@ -127,7 +126,7 @@ def test_end_to_end_cli_two_classifiers(exported, tmp_path):
         "    return c\n")
     argv = ["score", f"--config={cfg_file}:model={exported['resnet18']},lungs={exported['unet']},"
             f"n=10,size={S},quality=10,name=resnet18", f"--workdir={work}",
-            "--config.batch_size=4", "--config.n_boot=100", "--config.progress=False"]
+            "--config.batch_size=4", "--config.progress=False"]
     assert score.main(argv) == 0
     rows = _read_rows(work / "rows.csv")
     assert len(rows) == 20 and len({(r["pair_id"], r["model"]) for r in rows}) == 20

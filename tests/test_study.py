@@ -241,7 +241,8 @@ def _synthetic_rows(arms, seed, n=40):
         iol_o = rng.uniform(0, 1, n) ** (1 + k)  # later arms: lower IOL, more out-of-lung maps
         iol_t = np.clip(iol_o + rng.normal(0, 0.05, n), 0, 1)
         iol_t[seed % n] = np.nan  # an empty heat map: left out of OLS
-        vals = {"model": [arm] * n, "pair_id": [f"f{i}" for i in range(n)], "error": [""] * n,
+        vals = {"model": [arm] * n, "pair_id": [f"f{i}" for i in range(n)], "patient": [f"p{i}" for i in range(n)],
+                "error": [""] * n,
                 "label": label, "source": ["s"] * n, "convention": ["fields"] * n, "prob_orig": p_orig,
                 "prob_trans": p_trans, "iol_orig": iol_o, "iol_trans": iol_t, "iol_unet_orig": iol_o,
                 "iol_unet_trans": np.clip(iol_t + 0.1, 0, 1), "lung_frac_orig": np.full(n, 0.3),
@@ -295,6 +296,19 @@ def test_across_seeds_pools_per_seed_figures_and_paired_differences(tmp_path):
     row = next(line for line in report.splitlines() if line.startswith("| baseline vs multitask | ")
                and "p < 0.05:" in line)  # the pooled table, not the per-seed one
     assert f"| {d.mean():+.3g} [{lo:+.3g}, {hi:+.3g}] (" in row  # the OLS GT column, after PI
+    # no flips in either arm at any seed (e.g. PI after a gentle channel): the PI differences are
+    # all 0, so there is no between-seed spread and no interval (not a zero-width "[+0, +0]")
+    still = {s: dict(rows[s], prob_trans=rows[s]["prob_orig"]) for s in seeds}
+    st0 = dict(st, scores={str(s): {"whatsapp": study.summarize_condition(still[s], arms, cfg)} for s in seeds})
+    acr0 = study.across_seeds(st0, arms, "whatsapp")
+    pi0 = acr0["comparisons"][0]["pi"]
+    assert pi0["per_seed"] == [0.0, 0.0, 0.0] and pi0["n_seeds"] == 3 and pi0["sd"] == 0.0
+    assert pi0["mean"] == 0.0 and np.isnan(pi0["lo"]) and np.isnan(pi0["hi"])
+    st0["across_seeds"] = {"whatsapp": acr0}
+    row0 = next(line for line in study.write_report(cfg, tmp_path, st0).read_text().splitlines()
+                if line.startswith("| baseline vs multitask | ") and "p < 0.05:" in line)
+    assert "| +0 [no between-seed spread] (+0, +0, +0; p < 0.05: 0 up, 0 down) |" in row0
+    assert "[+0, +0]" not in row0
     one = dict(st, seeds=[0], scores={"0": st["scores"]["0"]})
     one["across_seeds"] = {"whatsapp": study.across_seeds(one, arms, "whatsapp")}
     assert np.isnan(one["across_seeds"]["whatsapp"]["comparisons"][0]["ols_gt_trans"]["lo"])  # one seed: no interval

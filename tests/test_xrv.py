@@ -346,7 +346,7 @@ def test_audit_two_xrv_models_end_to_end_through_a_channel(tx, tmp_path):
     cfg_file = Path(__file__).resolve().parents[1] / "configs" / "score_channel.py"
     argv = ["score", f"--config={cfg_file}:root={tmp_path / 'images'},model={models_arg},names=d121+r50,"
             "target=Pneumonia,labels=1,label=1_pneumonia,size=64,batch=4", f"--workdir={work}",
-            "--config.n_boot=50", "--config.progress=False", "--config.gallery.random=2"]
+            "--config.progress=False", "--config.gallery.random=2"]
     assert score.main(argv) == 0
     with open(work / "rows.csv", newline="") as f:
         rows = list(csv.DictReader(f))

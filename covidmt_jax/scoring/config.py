@@ -8,7 +8,7 @@ Layout (``base_config()``)::
     pairs.source, pairs.kwargs, pairs.channel, pairs.quality, pairs.qualities, pairs.limit,
     pairs.label, pairs.max_aspect_diff
     image_size, batch_size, num_workers, dtype
-    cam.method, cam.cam_threshold, eta, threshold, n_boot, seed
+    cam.method, cam.cam_threshold, eta, threshold, seed (the random gallery pairs)
     gallery.flipped, gallery.random, gallery.qc_flagged (pairs with a flagged lung mask),
     lung_qc.*            the lung-mask QC thresholds (fields of covidmt_jax.lung_qc.QCThresholds,
                          defaults justified there), e.g. --config.lung_qc.max_fraction=0.7
@@ -84,7 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.cam = ml_collections.ConfigDict({"method": "gradcam", "cam_threshold": 0.5})
     c.eta = 0.4
     c.threshold = 0.5
-    c.n_boot = 2000
     c.seed = 0
     c.gallery = ml_collections.ConfigDict({"flipped": 8, "random": 8, "qc_flagged": 8})
     c.lung_qc = ml_collections.ConfigDict(dataclasses.asdict(lung_qc.DEFAULT_THRESHOLDS))
@@ -109,7 +108,6 @@ def synthetic_config(models: Mapping[str, str], *, size: int = 128, n: int = 200
     c.image_size = int(size)
     c.batch_size = 16
     c.num_workers = 2
-    c.n_boot = 1000
     c.gallery.flipped = gallery
     c.gallery.random = gallery
     c.gallery.qc_flagged = gallery
@@ -162,7 +160,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not 0 < float(cfg.cam.cam_threshold) <= 1:
         raise ConfigError(f"config.cam.cam_threshold must be in (0, 1], got {cfg.cam.cam_threshold}")
     _one_of(cfg.output.format, FORMATS, "config.output.format")
-    for key, low in (("image_size", 8), ("batch_size", 1), ("n_boot", 1)):
+    for key, low in (("image_size", 8), ("batch_size", 1)):
         if int(cfg[key]) < low:
             raise ConfigError(f"config.{key} must be >= {low}, got {cfg[key]}")
     _one_of(cfg.dtype, DTYPES, "config.dtype")

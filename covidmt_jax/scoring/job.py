@@ -270,7 +270,7 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
         rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
         store.compact(rows)
         rows = select(rows, rows["index"] < n)
-        summary = report.summarize(rows, names, eta=cfg.eta, n_boot=cfg.n_boot, seed=cfg.seed,
+        summary = report.summarize(rows, names, eta=cfg.eta, conventions=conventions,
                                    thresholds={m: classifiers[m][1].threshold for m in names})
         summary["job"] = {
             "source": source.name, "n_pairs_selected": n, "scored_this_run": len(todo),
