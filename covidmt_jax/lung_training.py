@@ -604,9 +604,11 @@ def main(argv=None):
     argv = list(argv) if argv is not None else None
     import sys
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in and args_in[0].startswith("--"):
+    if args_in and args_in[0].startswith("--") and args_in[0] not in ("-h", "--help"):
         args_in = ["train"] + args_in
     a = p.parse_args(args_in)
+    if a.cmd is None:
+        p.error("a command is needed: train (or --config ... --workdir ...), evaluate or soup")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.cmd == "evaluate":
         from covidmt_jax.lungs import lung_segmenter

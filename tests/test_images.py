@@ -318,3 +318,35 @@ def test_data_error_pickles_and_formats():
     e = pickle.loads(pickle.dumps(DataError("a/b.png", "truncated")))
     assert isinstance(e, ValueError) and str(e) == "a/b.png: truncated"
     assert (e.path, e.problem) == ("a/b.png", "truncated")
+
+
+@pytest.mark.dicom
+def test_dicom_palette_colour_is_looked_up_not_read_as_grey():
+    """PALETTE COLOR pixels are indices into a colour table: white, black, black, white here."""
+    lut = np.array([65535, 0, 0, 65535], "<u2").tobytes()
+    a = np.array([[0, 1], [2, 3]], np.uint8)
+    data = _dicom(a, bits_stored=8, photometric="PALETTE COLOR",
+                  RedPaletteColorLookupTableDescriptor=[4, 0, 16], RedPaletteColorLookupTableData=lut,
+                  GreenPaletteColorLookupTableDescriptor=[4, 0, 16], GreenPaletteColorLookupTableData=lut,
+                  BluePaletteColorLookupTableDescriptor=[4, 0, 16], BluePaletteColorLookupTableData=lut)
+    np.testing.assert_allclose(I.load_grey(data), [[1.0, 0.0], [0.0, 1.0]], atol=1e-3)
+    with pytest.raises(DataError, match="p.dcm: unsupported DICOM PhotometricInterpretation 'YBR_ICT'"):
+        I.open_image(_dicom(a, bits_stored=8, photometric="YBR_ICT"), name="p.dcm")
+
+
+@pytest.mark.dicom
+def test_dicom_without_preamble_is_recognised():
+    pydicom = pytest.importorskip("pydicom")
+    a = np.array([[0, 1024], [2048, 4095]], np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(_dicom(a, bits_stored=12)))
+    ds.preamble = None
+    del ds.file_meta  # a bare data set: no preamble, no "DICM", no file meta group
+    for implicit in (False, True):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+        data = buf.getvalue()
+        assert data[128:132] != b"DICM" and I.sniff_format(data) == "dicom"
+        np.testing.assert_allclose(np.asarray(I.open_image(data, name="bare")), a / 4095.0, atol=1e-7)
+    # a text file that happens to start with the same two bytes is still refused
+    with pytest.raises(DataError, match="not a recognised image format"):
+        I.sniff_format(b"\x08\x00" + b"hello world, not an image", name="t.txt")

@@ -193,6 +193,9 @@ def test_nih_fixture_layouts_splits_and_errors(tmp_path):
         NIHSource(root)
     with pytest.raises(ValueError, match="unknown NIH label"):
         NIHSource(root, label_names=("Covid",))
+    (root / "test_list.txt").write_text("00000002_000.png\n00000001_000.png\n00000002_000.png\n")
+    with pytest.raises(DataError, match=r"test_list\.txt: line 3: 00000002_000\.png is listed twice \(first on line 1\)"):
+        NIHSource(root, split="test")
 
 
 @pytest.mark.parametrize("row, problem", [

@@ -82,6 +82,18 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if not text or isinstance(e, (KeyError, IndexError, struct.error)) else text
 
 
+def _bare_dicom(head: bytes) -> bool:
+    """Whether ``head`` starts like a DICOM data set written without the 128-byte preamble and
+    "DICM" (older or non-conformant writers): a group 0x0002 / 0x0008 element first, with an
+    explicit two-letter upper-case VR or a 4-byte length (implicit VR little endian)."""
+    if len(head) < 12 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    if head[4:6].isalpha() and head[4:6].isupper():
+        return True
+    element, length = struct.unpack_from("<HI", head, 2)
+    return element < 0x0100 and length < 1024 and length % 2 == 0
+
+
 def sniff_format(data: bytes, *, name: str | None = None) -> str:
     """Image format of encoded ``data`` from its magic bytes.
 
@@ -93,6 +105,8 @@ def sniff_format(data: bytes, *, name: str | None = None) -> str:
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if _bare_dicom(head):
         return "dicom"
     if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return "tiff"
@@ -251,16 +265,32 @@ def _import_pydicom():
     return pydicom
 
 
+def _set_read_transfer_syntax(ds) -> None:
+    """A data set without a file meta group (no preamble) names no transfer syntax, which the
+    pixel decoders need: use the encoding it was read with (uncompressed, as such files are)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = ds.original_encoding
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _open_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
     pydicom = _import_pydicom()
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+    try:  # force: a data set without the preamble (sniff_format accepted its first element)
+        ds = pydicom.dcmread(io.BytesIO(data), force=bytes(data[128:132]) != b"DICM")
     except Exception as e:  # pydicom raises many types (InvalidDicomError, struct.error ...)
         raise DataError(label, f"truncated or corrupt DICOM header: {type(e).__name__}: {e}") from e
     if "PixelData" not in ds:
         raise DataError(label, "DICOM file has no pixel data")
+    _set_read_transfer_syntax(ds)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
@@ -279,6 +309,17 @@ def _open_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
                                f"{type(e).__name__}: {e}") from e
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         arr = arr[0]
+    if photometric == "PALETTE COLOR":  # indices into a colour table: look them up (RGB)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as e:
+            raise DataError(label, f"cannot apply the DICOM palette (PALETTE COLOR): {type(e).__name__}: {e}") from e
+        if arr.dtype != np.uint8:  # 16-bit palette entries
+            arr = to_uint8(arr.astype(np.float64) / 65535.0)
+        return Image.fromarray(np.ascontiguousarray(arr))
+    if arr.ndim == 2 and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DataError(label, f"unsupported DICOM PhotometricInterpretation {photometric!r} for a "
+                               "single-sample image (expected MONOCHROME1, MONOCHROME2 or PALETTE COLOR)")
     if spp == 3 or arr.ndim == 3:
         if arr.dtype != np.uint8:
             arr = to_uint8(arr.astype(np.float64) / float(2 ** bits_stored - 1))

@@ -35,7 +35,7 @@ import csv
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from covidmt_jax.data.records import DataError, patient_holdout
 
@@ -180,7 +180,22 @@ def split_counts(data_root: str | os.PathLike) -> dict[str, dict[str, int]]:
     return out
 
 
-if __name__ == "__main__":  # python -m covidmt_jax.data.splits DATA_ROOT
-    import sys
-    for name, row in split_counts(sys.argv[1] if len(sys.argv) > 1 else "../shared/data").items():
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m covidmt_jax.data.splits [DATA_ROOT]``: films and patient groups per split."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m covidmt_jax.data.splits",
+                                description="Films and patient groups per split of the lung sets under DATA_ROOT.")
+    p.add_argument("data_root", nargs="?", default="../shared/data",
+                   help="folder holding lungs_diseased/ and the Montgomery/Shenzhen set (default ../shared/data)")
+    a = p.parse_args(argv)
+    counts = split_counts(a.data_root)
+    if not counts:
+        p.error(f"no lung set found under {a.data_root}")
+    for name, row in counts.items():
         print(f"{name:30s} " + " ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

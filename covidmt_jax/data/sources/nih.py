@@ -126,10 +126,14 @@ def parse_bbox_list(path: str | os.PathLike) -> dict[str, list[tuple[str, tuple[
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
     """train_val_list.txt / test_list.txt: image names, one a line."""
-    names = []
+    names: list[str] = []
+    first: dict[str, int] = {}
     for n, line in iter_lines(path):
         if len(line.split()) != 1 or not line.lower().endswith(".png"):
             raise DataError(path, f"line {n}: expected one .png image name, got {line!r}")
+        if line in first:
+            raise DataError(path, f"line {n}: {line} is listed twice (first on line {first[line]})")
+        first[line] = n
         names.append(line)
     return names
 
