@@ -218,7 +218,7 @@ def findings(per_seed: Sequence[Mapping[str, Mapping]], seed_p: Sequence[Mapping
         o = [f[name]["ols_orig"] for f in per_seed]
         if all(math.isfinite(x) for x in o):
             out.append(f"{name}: heat map mostly outside the lungs (OLS, originals) on "
-                       f"{min(o):.1f}–{max(o):.1f} % of the test pairs over the seeds (at least "
+                       f"{min(o):.1f}–{max(o):.1f} % of the test pairs with a non-empty heat map over the seeds (at least "
                        f"{min(o):.1f} % in every seed).")
     comp, sign = model_comparison(pooled)
     for key, label, unit, path in COMPARED:

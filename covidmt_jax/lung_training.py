@@ -513,7 +513,9 @@ def evaluate(segmenters: Mapping[str, Any], data_root: str | Path, *, split: str
         if scored.any():
             # the films of one patient are not independent: the interval is cluster-robust
             mean, lo, hi = clustered_mean_ci(d[scored], np.array([r["patient"] for r in rs])[scored])
-            g.update(dice_mean=mean, dice_ci95_lo=lo, dice_ci95_hi=hi,
+            # a t-interval can run past Dice's range [0, 1]; the bounds are cut to it
+            g.update(dice_mean=mean, dice_ci95_lo=max(0.0, lo) if np.isfinite(lo) else lo,
+                     dice_ci95_hi=min(1.0, hi) if np.isfinite(hi) else hi,
                      dice_median=float(np.median(d[scored])), dice_min=float(np.min(d[scored])))
         for c in segmenters:
             if f"stability_{c}" in rs[0]:

@@ -419,11 +419,20 @@ def _plt():
 
 # ============================================================================ plots
 def _errbars(values: Sequence[Mapping | None], key: str = "score"):
+    """``(heights [M], errors [2, M])`` of bars with intervals; a missing score stays NaN (no
+    bar, marked by :func:`_mark_missing`), never a bar at 0 %."""
     v = np.array([np.nan if not d or d.get(key) is None else d[key] for d in values], float)
     lo = np.array([np.nan if not d or d.get("lo") is None else d["lo"] for d in values], float)
     hi = np.array([np.nan if not d or d.get("hi") is None else d["hi"] for d in values], float)
     err = np.vstack([np.nan_to_num(v - lo), np.nan_to_num(hi - v)])
-    return np.nan_to_num(v), np.clip(err, 0, None)
+    return v, np.clip(err, 0, None)
+
+
+def _mark_missing(ax, xs: np.ndarray, v: np.ndarray) -> None:
+    """Write "no score" where a bar has none (e.g. OLS when every heat map is empty)."""
+    for x, h in zip(xs, v):
+        if not np.isfinite(h):
+            ax.text(x, 0, "no score", ha="center", va="bottom", rotation=90, fontsize=8, color="0.4")
 
 
 def plot_pi(summary: Mapping[str, Any], path: Path) -> None:
@@ -432,7 +441,8 @@ def plot_pi(summary: Mapping[str, Any], path: Path) -> None:
     names = list(summary["models"])
     v, err = _errbars([summary["models"][m].get("pi") for m in names])
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
-    ax.bar(range(len(names)), v, yerr=err, capsize=4, color="#4c72b0")
+    ax.bar(range(len(names)), np.nan_to_num(v), yerr=err, capsize=4, color="#4c72b0")
+    _mark_missing(ax, np.arange(len(names)), v)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("PI score (%)")
     ax.set_title("Prediction instability (95 % CI)")
@@ -449,7 +459,8 @@ def plot_ols(summary: Mapping[str, Any], path: Path) -> None:
     x = np.arange(len(names))
     for j, (side, colour) in enumerate((("original", "#55a868"), ("transmitted", "#c44e52"))):
         v, err = _errbars([(summary["models"][m].get("ols") or {}).get(side) for m in names])
-        ax.bar(x + (j - 0.5) * 0.38, v, 0.38, yerr=err, capsize=4, color=colour, label=side)
+        ax.bar(x + (j - 0.5) * 0.38, np.nan_to_num(v), 0.38, yerr=err, capsize=4, color=colour, label=side)
+        _mark_missing(ax, x + (j - 0.5) * 0.38, v)
     ax.set_xticks(x, names, rotation=20, ha="right")
     ax.set_ylabel(f"OLS score (%), eta = {summary.get('eta', 0.4)}")
     ax.set_title("Out-of-lung saliency (95 % CI)")

@@ -334,3 +334,15 @@ def test_ols_by_convention_side_by_side(tmp_path):
     assert "### OLS by lung definition" in text and "| m | fields − anatomical | original |" in text
     # rows of one convention: no such block
     assert "ols_by_convention" not in report.summarize(_rows()[0], ["m"])["models"]["m"]
+
+
+def test_plots_mark_a_missing_score_instead_of_drawing_zero(tmp_path):
+    v, err = report._errbars([{"score": 12.0, "lo": 10.0, "hi": 15.0}, None, {"score": None}])
+    assert v[0] == 12.0 and np.isnan(v[1]) and np.isnan(v[2])
+    assert err[:, 0].tolist() == [2.0, 3.0] and err[:, 1:].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    summary = {"eta": 0.4, "models": {"m": {"pi": {"score": 3.0, "lo": 1.0, "hi": 6.0},
+                                            "ols": {"original": {"score": None, "lo": None, "hi": None},
+                                                    "transmitted": {"score": 40.0, "lo": 30.0, "hi": 50.0}}}}}
+    report.plot_ols(summary, tmp_path / "ols.png")
+    report.plot_pi(summary, tmp_path / "pi.png")
+    assert (tmp_path / "ols.png").stat().st_size > 0 and (tmp_path / "pi.png").stat().st_size > 0
