@@ -726,7 +726,9 @@ def write_report(cfg: ml_collections.ConfigDict, workdir: Path, study: Mapping[s
               f"shown where it is below {n}); the seed is the unit of replication, so the interval covers "
               "training variation on these test films, not the sampling of test films (the per-seed "
               "intervals above cover that). Where every seed gives the same difference there is no "
-              "between-seed spread to build an interval from, and none is shown.", ""]
+              "between-seed spread to build an interval from, and none is shown. Every interval and "
+              "p-value here stands alone, without a correction for the number of comparisons (arm "
+              "pairs x figures x conditions): with this many, some reach p < 0.05 by chance.", ""]
         def fin(x: Any) -> bool:  # None: a NaN after a round trip through study.json
             return x is not None and bool(np.isfinite(x))
         def msd(v: Mapping) -> str:
