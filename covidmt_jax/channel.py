@@ -304,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset == "jpeg" and args.quality is None:  # get_channel's message speaks Python
+        parser.error("--preset jpeg needs --quality Q (1..100)")
     try:
         channel = channels.get_channel(args.preset, quality=args.quality, max_side=args.max_side,
                                        subsampling=args.subsampling, progressive=args.progressive or None)

@@ -250,6 +250,9 @@ def test_cli_writes_wacxr_layout(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["--overwrite", "--preset", "telegram", "--transmitted-name", "tg", str(src), str(dst)]) == 0
     assert ch.is_jpeg((dst / "tg" / "0_NON_COVID" / "img0.png").read_bytes())
+    with pytest.raises(SystemExit) as e:  # the plain-JPEG preset names the flag it needs
+        cli.main(["--preset", "jpeg", str(src), str(tmp_path / "j")])
+    assert e.value.code == 2 and "--preset jpeg needs --quality Q" in capsys.readouterr().err
 
 
 def test_cli_bad_files(tmp_path, capsys):
