@@ -668,6 +668,10 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
         L += [f"The pair source itself skipped {job['source_skipped']} file(s) while listing "
               "(no rows for them), e.g.:", ""]
         L += [f"- `{e}`" for e in job.get("source_skipped_examples", [])] + [""]
+    if job.get("source_ignored"):
+        L += [f"{job['source_ignored']} file(s) under the root are not image files and were "
+              "ignored, e.g.:", ""]
+        L += [f"- `{e}`" for e in job.get("source_ignored_examples", [])] + [""]
     if gallery:
         L += ["## Gallery", "",
               "Original beside transmitted: image with the lung contour (green), Grad-CAM of the "

@@ -164,6 +164,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if int(cfg[key]) < low:
             raise ConfigError(f"config.{key} must be >= {low}, got {cfg[key]}")
     _one_of(cfg.dtype, DTYPES, "config.dtype")
+    for key in ("flipped", "random", "qc_flagged"):
+        v = cfg.gallery.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0:
+            raise ConfigError(f"config.gallery.{key} must be an integer >= 0 (pairs shown in the "
+                              f"report's gallery; 0 = none), got {v!r}")
     qc_thresholds(cfg)
 
 

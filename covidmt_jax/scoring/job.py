@@ -10,6 +10,12 @@ Resume is decided by content, never by names alone:
   "classifier 'resnet18' parameters changed"): re-scoring silently would replace published
   figures, and mixing would report rows of two models as one. Score into a new ``--workdir``,
   or delete the old rows and ``job.json`` to start over in place.
+- Rows without ``job.json`` (it was deleted) are REFUSED: which job wrote them cannot be
+  checked, so they are never adopted as the new job's rows. ``config.json`` is written only
+  once the job is accepted, so a refused rerun leaves the old job's ``config.json``. A workdir
+  holding another kind of run (a training run's ``checkpoints/`` or ``export/``) is refused.
+- A source that lists no pair is an error naming its root and the files it skipped or ignored
+  (``pairs.limit=0`` runs on purpose with no pairs).
 - Rows written by an earlier version of the row format (before the lung-mask QC columns,
   fingerprint version 2) are refused the same way: the fingerprint version differs.
 - Each row stores the signature of its pair's input files
@@ -32,7 +38,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -43,6 +49,7 @@ from tqdm import tqdm
 from covidmt_jax import lung_qc, parallel, report
 from covidmt_jax.cli import hms
 from covidmt_jax.config_lib import ConfigError
+from covidmt_jax.data.records import DataError
 from covidmt_jax.lungs import LungSegmenter
 from covidmt_jax.normalisation import denormalise
 from covidmt_jax.scoring import pairs as pairs_lib
@@ -122,6 +129,12 @@ def check_job(workdir: Path, fp: Mapping[str, Any], rows_path: Path) -> bool:
     """Raise ``ConfigError`` when ``workdir/job.json`` is another job's; returns whether it exists."""
     path = workdir / "job.json"
     if not path.is_file():
+        orphans = [r for r in (workdir / "rows.csv", workdir / "rows.parquet") if r.exists()]
+        if orphans:
+            raise ConfigError(
+                f"{orphans[0]}: rows of an unknown job ({path.name} is missing, so which models and "
+                f"settings scored them cannot be checked); delete {orphans[0]} to re-score "
+                f"everything here, or use a new --workdir")
         return False
     try:
         old = json.loads(path.read_text())["fingerprint"]
@@ -134,6 +147,31 @@ def check_job(workdir: Path, fp: Mapping[str, Any], rows_path: Path) -> bool:
             f"models or settings are never mixed: score into a new --workdir, or delete "
             f"{path} and {rows_path} to re-score everything here")
     return True
+
+
+#: Entries of a workdir written by another kind of run (``covidmt_jax.train``).
+_FOREIGN_RUN_MARKERS = ("checkpoints", "export")
+
+
+def _is_scoring_workdir(workdir: Path) -> bool:
+    """A workdir of a scoring job: its ``job.json`` or rows, or those of a quality sweep."""
+    if any((workdir / n).exists() for n in ("job.json", "rows.csv", "rows.parquet")):
+        return True
+    return any(q.is_dir() and (q / "job.json").is_file() for q in workdir.glob("q[0-9][0-9][0-9]"))
+
+
+def check_workdir(workdir: Path) -> None:
+    """Raise ``ConfigError`` when ``workdir`` holds another kind of run (a training run's
+    ``checkpoints/`` or ``export/``) and no scoring job: scoring there would replace that
+    run's ``summary.json`` and ``config.json``."""
+    if not workdir.is_dir() or _is_scoring_workdir(workdir):
+        return
+    found = [n for n in _FOREIGN_RUN_MARKERS if (workdir / n).exists()]
+    if found:
+        raise ConfigError(
+            f"--workdir {workdir} holds another kind of run ({', '.join(f + '/' for f in found)}: a "
+            f"training run), not a scoring job; scoring there would replace its summary.json and "
+            f"config.json: use a new --workdir (e.g. {workdir}/score)")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -174,10 +212,13 @@ def _plan(store: RowStore, source, ids: Sequence[str], n: int, names: Sequence[s
 
 
 def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quality: int = 0,
-                models: tuple[dict, Any] | None = None, mesh=None) -> dict[str, Any]:
+                models: tuple[dict, Any] | None = None, mesh=None,
+                on_accept: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run (or resume) one scoring job into ``workdir``; returns the summary (``{}`` on
     processes other than 0). ``models``: ``(classifiers, lungs)`` already loaded
-    (:func:`covidmt_jax.scoring.loading.load_models`)."""
+    (:func:`covidmt_jax.scoring.loading.load_models`). ``on_accept``: called on process 0
+    once the job is accepted (start-up checks passed, resume allowed), before anything is
+    scored (:func:`run` writes ``config.json`` there)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     jcfg = with_quality(cfg, quality)
@@ -196,6 +237,12 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     fp = fingerprint(jcfg, classifiers, lungs)
     ids = list(source.ids)
     n = len(ids) if cfg.pairs.limit < 0 else min(int(cfg.pairs.limit), len(ids))
+    ignored = list(getattr(source, "ignored", ()) or ())
+    if ignored:
+        log.warning("%s: %d file(s) ignored (not image files), e.g. %s", source.name, len(ignored),
+                    "; ".join(f"{a} ({b})" for a, b in ignored[:3]))
+    if n == 0 and cfg.pairs.limit != 0:
+        raise no_pairs_error(source)
     check_same_pairs(source.name, ids[:n])
     done: set = set()  # process 0: the (pair_id, model) rows that are current
 
@@ -213,6 +260,8 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
                     cam_threshold=cfg.cam.cam_threshold, mesh=mesh, qc_thresholds=qc_thresholds(cfg))
     if not planned["existed"] and p == 0:
         write_json(workdir / "job.json", {"fingerprint": fp})
+    if on_accept is not None and p == 0:
+        on_accept()
     log.info("%s: %d pairs selected, %d to score (%d error rows retried, %d rows with changed "
              "inputs), %d classifier(s) %s, %d device(s)", source.name, n, len(todo),
              counts["errors_retried"], counts["inputs_changed"], len(names), names,
@@ -287,7 +336,10 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
             # files the source itself rejected while listing (on_error="skip")
             "source_skipped": len(getattr(source, "skipped", ()) or ()),
             "source_skipped_examples": [f"{a}: {b}" for a, b in
-                                        list(getattr(source, "skipped", ()) or ())[:5]]}
+                                        list(getattr(source, "skipped", ()) or ())[:5]],
+            # files under the root that are not image files (never listed as pairs)
+            "source_ignored": len(ignored),
+            "source_ignored_examples": [f"{a}: {b}" for a, b in ignored[:5]]}
         if "lung_qc" in summary:
             summary["lung_qc"]["thresholds"] = dataclasses.asdict(scorer.qc_thresholds)
             summary["lung_qc"]["convention"] = conventions[0]
@@ -308,6 +360,24 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     write_json(workdir / "summary.json", summary)
     log.info("wrote %s, %s", workdir / "summary.json", workdir / "report.md")
     return summary
+
+
+def no_pairs_error(source) -> DataError:
+    """The error of a job whose source lists no pair: names the root, the files skipped or
+    ignored while listing, and why."""
+    root = (getattr(source, "root", None) or getattr(source, "original_dir", None)
+            or getattr(source, "name", "source"))
+    skipped = list(getattr(source, "skipped", ()) or ())
+    ignored = list(getattr(source, "ignored", ()) or ())
+    parts = [f"no pairs to score: {len(skipped)} image file(s) skipped as unreadable or unpaired, "
+             f"{len(ignored)} other file(s) ignored as not image files"]
+    for what, items in (("skipped", skipped), ("ignored", ignored)):
+        if items:
+            parts.append(f"{what} e.g. " + "; ".join(f"{a} ({b})" for a, b in items[:3]))
+    if not skipped and not ignored:
+        parts.append("the folder holds no files")
+    parts.append("set pairs.limit=0 to run on purpose with no pairs")
+    return DataError(root, "; ".join(parts))
 
 
 def check_same_pairs(source_name: str, ids: Sequence[str]) -> None:
@@ -404,17 +474,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     check_classifiers(cfg.classifiers)
     parallel.maybe_initialize_distributed()
     workdir = Path(workdir)
+    check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loaded = load_models(cfg)
-    if jax.process_index() == 0:
-        write_json(workdir / "config.json", json.loads(cfg.to_json_best_effort()))
+    written = []
+
+    def write_config() -> None:  # once the job is accepted: a refused run leaves the old one
+        if not written:
+            write_json(workdir / "config.json", json.loads(cfg.to_json_best_effort()))
+            written.append(True)
+
     if not cfg.pairs.qualities:
-        return score_pairs(cfg, workdir, models=loaded)
+        return score_pairs(cfg, workdir, models=loaded, on_accept=write_config)
     mesh = parallel.make_mesh()
     per_quality = {}
     for q in sorted(int(q) for q in cfg.pairs.qualities):
         log.info("quality sweep: JPEG quality %d", q)
-        per_quality[q] = score_pairs(cfg, workdir / f"q{q:03d}", quality=q, models=loaded, mesh=mesh)
+        per_quality[q] = score_pairs(cfg, workdir / f"q{q:03d}", quality=q, models=loaded, mesh=mesh,
+                                     on_accept=write_config)
     if jax.process_index() != 0:
         return {}
     sweep = {"qualities": sorted(per_quality), "per_quality": per_quality}

@@ -48,20 +48,57 @@ def source_channel(pairs_cfg: ml_collections.ConfigDict, quality: int = 0):
     return channels.get_channel(pairs_cfg.channel, **({"quality": q} if q else {}))
 
 
+#: ``label_column`` of a source whose every class is a negative one (e.g. a folder holding only
+#: ``0_NON_COVID/``): every labelled film is COVID-negative (label 0).
+ALL_NEGATIVE = -1
+
+_NEGATIVE_WORDS = ("non_covid", "non-covid", "noncovid", "not_covid", "no_covid", "negative",
+                   "normal", "healthy")
+
+
+def _is_positive_name(name: str) -> bool:
+    """A class name that says COVID-positive by the conventions of the sources (WaCXR's
+    ``1_COVID-19``, COVIDx's ``COVID-19`` / ``positive``, a study's ``covid``)."""
+    low = name.lower()
+    if _is_negative_name(name):
+        return False
+    return low in ("positive", "covid-19", "covid", "covid19", "1_positive") or (
+        "covid" in low and not low.startswith("0_"))
+
+
+def _is_negative_name(name: str) -> bool:
+    """A class name that says negative (``0_...`` prefix, NON_COVID, negative, normal)."""
+    low = name.lower()
+    return low.startswith("0_") or any(w in low for w in _NEGATIVE_WORDS)
+
+
 def label_column(source, label: str) -> int | None:
-    """Column of ``record["labels"]`` holding the COVID ground truth; None = unlabelled."""
+    """Column of ``record["labels"]`` holding the COVID ground truth; None = unlabelled;
+    :data:`ALL_NEGATIVE` = every class of the source is a negative one.
+
+    Without ``label`` the positive class is decided by name (:func:`_is_positive_name`),
+    never by position: a lone class is positive only when its name says COVID, and a source
+    whose classes are all negative (``0_NON_COVID`` ...) labels every film 0. A labelled source
+    whose positive class cannot be told raises :class:`ConfigError` naming the classes and
+    ``pairs.label``."""
     names = tuple(getattr(source, "label_names", ()) or ())
     if label:
         if label not in names:
             raise ConfigError(f"config.pairs.label {label!r} is not a label of {source.name}; "
                               f"valid: {list(names)}")
         return names.index(label)
-    if len(names) == 1:
-        return 0
-    for cand in ("COVID-19", "1_COVID-19", "positive", "covid"):
-        if cand in names:
-            return names.index(cand)
-    return None
+    if not names:
+        return None
+    positive = [i for i, n in enumerate(names) if _is_positive_name(n)]
+    if len(positive) == 1:
+        return positive[0]
+    if not positive and all(_is_negative_name(n) for n in names):
+        return ALL_NEGATIVE
+    why = (f"several classes look COVID-positive ({[names[i] for i in positive]})" if positive
+           else "no class name says COVID-positive (COVID / positive, e.g. 1_COVID-19)")
+    raise ConfigError(f"config.pairs.label: cannot tell the positive class of {source.name} with "
+                      f"classes {list(names)}: {why}; choose it with --config.pairs.label=NAME "
+                      f"(label=NAME in configs/score_channel.py)")
 
 
 def input_signature(record: Mapping[str, Any]) -> str:
@@ -125,7 +162,9 @@ def load_one(source, index: int, pair_id: str, image_size: int, channel, label_c
         if "original" not in rec and "image" in rec:
             rec = {**rec, "original": rec["image"]}
         labels = rec.get("labels")
-        if label_col is not None and labels is not None and len(labels) > label_col:
+        if label_col == ALL_NEGATIVE and labels is not None:
+            out.label = 0
+        elif label_col is not None and labels is not None and len(labels) > label_col:
             out.label = int(round(float(labels[label_col])))
         s = load_pair(rec, image_size, channel=channel)
     except (DataError, OSError, ValueError) as e:

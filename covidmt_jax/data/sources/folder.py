@@ -1,9 +1,11 @@
 """Generic image folders: any images under a root, optionally labelled by sub-folder.
 
 Which files count as images: names ending in an image extension (``.png .jpg .jpeg .dcm
-.dicom .bmp .tif .tiff .gif .webp``, any case) and files with no extension at all whose
-magic bytes are an image's. Other files (CSV, Markdown, JSON ...) are ignored; hidden files
-and folders are skipped. With ``check_formats`` (default) each candidate's first bytes are
+.dicom .bmp .tif .tiff .gif .webp``, any case) and files with no extension at all, or a
+numeric one (DICOMs named by UID, e.g. ``1.2.840.113619.2.55.3.604688``), whose magic bytes
+are an image's (DICOM: ``DICM`` at offset 128). Other files (CSV, Markdown, JSON ...) are
+ignored, and listed in the source's ``.ignored`` (``(path, why)``) so that callers can tell
+the user; hidden files and folders are skipped. With ``check_formats`` (default) each candidate's first bytes are
 sniffed, so a file named ``.png`` that is not an image is reported (DataError or
 ``.skipped``) when the source is built, not in a training worker.
 """
@@ -30,12 +32,21 @@ def head_format(path: Path) -> str:
     return sniff_format(head, name=str(path))
 
 
+def _sniffable(fn: str) -> bool:
+    """A name without an image extension that may still be an image: no extension, or a
+    numeric one (a DICOM UID such as ``1.2.840.113619.2.55.3.604688``)."""
+    suffix = Path(fn).suffix
+    return not suffix or suffix[1:].isdigit()
+
+
 def walk_images(root: str | os.PathLike, *, check_formats: bool = True,
-                bad: Callable[[str, str], None] | None = None) -> dict[Path, str]:
+                bad: Callable[[str, str], None] | None = None,
+                ignored: list | None = None) -> dict[Path, str]:
     """Image files under ``root``: ``{relative path: format}`` sorted by relative path.
 
     ``format`` is the sniffed format (``""`` when ``check_formats`` is off). Files named like
-    images that are not go to ``bad(path, problem)`` (raise when ``bad`` is None).
+    images that are not go to ``bad(path, problem)`` (raise when ``bad`` is None). Other
+    files that are not images are appended to ``ignored`` as ``(path, why)`` when given.
     """
     root = Path(root)
     if not root.is_dir():
@@ -48,7 +59,9 @@ def walk_images(root: str | os.PathLike, *, check_formats: bool = True,
                 continue
             p = Path(dirpath) / fn
             named = is_image_name(fn)
-            if not named and Path(fn).suffix:
+            if not named and not _sniffable(fn):
+                if ignored is not None:
+                    ignored.append((str(p), f"not an image file name ({Path(fn).suffix})"))
                 continue
             if not check_formats and named:
                 out[p.relative_to(root)] = ""
@@ -56,8 +69,10 @@ def walk_images(root: str | os.PathLike, *, check_formats: bool = True,
             try:
                 fmt = head_format(p)
             except DataError as e:
-                if not named:
-                    continue  # an extension-less non-image file: not ours
+                if not named:  # an extension-less non-image file: not ours
+                    if ignored is not None:
+                        ignored.append((str(p), f"no image extension and {e.problem}"))
+                    continue
                 if bad is None:
                     raise
                 bad(e.path, e.problem)
@@ -89,7 +104,8 @@ class ImageFolderSource(Source):
         super().__init__(on_error=on_error)
         self.root = Path(root)
         self.name = name or f"folder:{self.root.name}"
-        files = walk_images(self.root, check_formats=check_formats, bad=self._bad)
+        self.ignored: list[tuple[str, str]] = []  # files that are not images (module docstring)
+        files = walk_images(self.root, check_formats=check_formats, bad=self._bad, ignored=self.ignored)
         classes = sorted({rel.parts[0] for rel in files if len(rel.parts) > 1})
         if labels_from_subfolders:
             self.label_names = tuple(label_names) if label_names is not None else tuple(classes)
@@ -106,7 +122,9 @@ class ImageFolderSource(Source):
                 rec["labels"] = multi_hot([rel.parts[0]], self.label_names)
             self._records.append(rec)
         if not self._records and on_error == "raise":
-            raise DataError(self.root, "no image files found")
+            raise DataError(self.root, "no image files found" + (
+                f" ({len(self.ignored)} other file(s) ignored, e.g. {self.ignored[0][0]}: "
+                f"{self.ignored[0][1]})" if self.ignored else ""))
         self._finish()
 
     def class_counts(self) -> dict[str, int]:

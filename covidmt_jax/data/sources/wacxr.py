@@ -60,9 +60,10 @@ class PairFolderSource(Source):
         self.original_dir, self.transmitted_dir = Path(original_dir), Path(transmitted_dir)
         self.name = name or f"pairs:{self.original_dir.name}"
         self.unpaired: list[tuple[str, str]] = []
+        self.ignored: list[tuple[str, str]] = []  # files that are not images (folder.walk_images)
         sides = {}
         for side, root in (("original", self.original_dir), ("transmitted", self.transmitted_dir)):
-            files = walk_images(root, check_formats=check_formats, bad=self._bad)
+            files = walk_images(root, check_formats=check_formats, bad=self._bad, ignored=self.ignored)
             keyed: dict[str, tuple[Path, str]] = {}
             for rel, fmt in files.items():
                 k = _key(rel, match)
