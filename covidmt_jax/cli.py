@@ -3,7 +3,7 @@
 ``run_config_cli(job, module=..., argv=None)`` gives both commands the same behaviour:
 
 - ``--config FILE.py[:ARG]`` (``ml_collections`` config file, overrides ``--config.a.b=v``),
-  ``--workdir DIR`` (required), ``--verbose``;
+  ``--workdir DIR`` (required), ``--verbose``; ``--help`` / ``-h`` prints the usage, exit 0;
 - a command line (``argv=None``) re-executes once with the glibc malloc settings of
   :mod:`covidmt_jax.cpu_malloc`;
 - INFO logging to stdout with time stamps, library chatter (absl, orbax, grain, ...) at WARNING;
@@ -31,6 +31,7 @@ from covidmt_jax.config_lib import ConfigError
 from covidmt_jax.cpu_malloc import reexec_for_cpu
 
 EXIT_CONFIG = 2
+EXIT_RUN = 1
 VERBOSE_ENV = "COVIDMT_VERBOSE"
 _QUIET = ("absl", "orbax", "grain", "jax._src", "tensorflow_datasets")
 
@@ -144,13 +145,38 @@ def _verbose(argv: Sequence[str]) -> bool:
                                                      for a in argv)
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "--helpfull", "--helpshort")
+
+
+def usage(module: str, config_help: str, workdir_help: str) -> str:
+    """The ``--help`` text of a config CLI (``module``: e.g. ``covidmt_jax.train``)."""
+    return "\n".join([
+        f"usage: python -m {module} --config {config_help} --workdir DIR "
+        "[--config.<key>=VALUE ...] [--verbose]",
+        "",
+        f"  --config FILE.py[:ARG]    the config file ({config_help}); ARG is passed to its get_config()",
+        "  --config.<key>=VALUE      override one config key (nested keys dotted: --config.a.b=VALUE;",
+        "                            an unknown key is an error listing the valid ones)",
+        f"  --workdir DIR             {workdir_help}",
+        f"  --verbose                 full tracebacks of config errors (or {VERBOSE_ENV}=1)",
+        "  -h, --help                this text",
+        "",
+        f"Exit status: 0 done, {EXIT_CONFIG} bad config or unreadable input (one line on stderr).",
+    ])
+
+
 def run_config_cli(job: Callable[[ml_collections.ConfigDict, str], Any], *, module: str,
                    config_help: str, workdir_help: str, argv: Sequence[str] | None = None,
-                   input_errors: tuple[type[BaseException], ...] = ()) -> int:
+                   input_errors: tuple[type[BaseException], ...] = (),
+                   run_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Parse ``argv`` (``argv[0]`` is the program name; ``None``: the command line, after the
     malloc re-execution), run ``job(config, workdir)`` and return the exit status: 0, or
     :data:`EXIT_CONFIG` after a configuration mistake or one of ``input_errors`` (e.g. an
-    unreadable input file), with a one-line message on stderr."""
+    unreadable input file), or :data:`EXIT_RUN` after one of ``run_errors`` (e.g. a
+    non-finite loss), with a one-line message on stderr (the traceback only when verbose)."""
+    if any(a in HELP_FLAGS for a in (sys.argv if argv is None else argv)[1:]):
+        print(usage(module, config_help, workdir_help))
+        return 0
     if argv is None:
         reexec_for_cpu(sys.argv[1:], module=module)
         argv = sys.argv
@@ -178,11 +204,11 @@ def run_config_cli(job: Callable[[ml_collections.ConfigDict, str], Any], *, modu
         job(cfg, fv.workdir)
     except ConfigError as e:
         return _config_failure(prog, e, argv, verbose)
-    except input_errors as e:
+    except input_errors + run_errors as e:
         if verbose:
             traceback.print_exception(e, file=sys.stderr)
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_CONFIG if isinstance(e, input_errors) else EXIT_RUN
     return 0
 
 

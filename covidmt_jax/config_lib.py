@@ -25,6 +25,7 @@ reads them in one place. Layout::
     checkpoint.every_steps, checkpoint.keep
     eval.every_epochs, eval.best_metric ("<task>/<metric>"), eval.best_mode ("max" | "min")
     log_every_steps, mesh.model_axis
+    (log_every_steps, checkpoint.every_steps, eval.every_epochs: integers >= 1, INTERVAL_KEYS)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from covidmt_jax import models
 from covidmt_jax.data.records import ON_ERROR
 from covidmt_jax.data.sources import SOURCES
 from covidmt_jax.errors import ConfigError  # noqa: F401  (re-exported: config_lib.ConfigError)
+from covidmt_jax.models import cpu_conv
 from covidmt_jax.models.heads import BOX_HEAD_NORMS
 from covidmt_jax.taskspec import KINDS, TaskSpec, paper_tasks, tasks_from_names
 
@@ -127,6 +129,47 @@ def apply_task_count(c: ml_collections.ConfigDict, n: int | str) -> None:
                 del entries[ds]
 
 
+#: keys the trainer uses as ``step % value`` intervals: integers >= 1
+INTERVAL_KEYS = ("log_every_steps", "checkpoint.every_steps", "eval.every_epochs")
+
+
+def get_dotted(c: ml_collections.ConfigDict, dotted: str) -> object:
+    """``c["a"]["b"]`` of ``"a.b"``."""
+    node = c
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_intervals(c: ml_collections.ConfigDict, keys=INTERVAL_KEYS) -> None:
+    """ConfigError naming the first of ``keys`` that is not an integer >= 1."""
+    for key in keys:
+        value = get_dotted(c, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{key}={value!r}: must be an integer >= 1 (an interval in "
+                              f"{'epochs' if 'epochs' in key else 'steps'})")
+
+
+def check_model_names(c: ml_collections.ConfigDict) -> None:
+    """ConfigError unless ``model.name`` (and COVIDMT's ``model.kwargs.backbone``) is a zoo model
+    and ``model.cpu_conv_kernels`` a valid switch (see :mod:`covidmt_jax.models.cpu_conv`)."""
+    if c.model.name not in models.available():
+        raise ConfigError(f"config.model.name={c.model.name!r} is not a zoo model; "
+                          f"available: {models.available()}")
+    if c.model.name == "covidmt":
+        backbone = (c.model.kwargs or {}).get("backbone", "resnext50_32x4d")
+        backbones = [m for m in models.available() if m not in ("covidmt", "unet")]
+        if backbone not in backbones:
+            raise ConfigError(f"config.model.kwargs.backbone={backbone!r} is not a zoo backbone; "
+                              f"available: {backbones}")
+    kernels = c.model.get("cpu_conv_kernels", "auto")
+    if not (isinstance(kernels, str) and kernels.strip().lower() == "auto"):
+        try:
+            cpu_conv.parse_paths(kernels, "config.model.cpu_conv_kernels")
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
+
+
 def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
     """Check a config before anything expensive happens; returns the task specs."""
     try:
@@ -135,9 +178,7 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
         raise ConfigError(f"config.tasks: {e}") from None
     if not tasks:
         raise ConfigError("config.tasks is empty")
-    if c.model.name not in models.available():
-        raise ConfigError(f"config.model.name={c.model.name!r} is not a zoo model; "
-                          f"available: {models.available()}")
+    check_model_names(c)
     if c.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
     if c.model.name == "covidmt":
@@ -181,6 +222,7 @@ def validate(c: ml_collections.ConfigDict) -> list[TaskSpec]:
         raise ConfigError("set config.epochs >= 1 or config.total_steps >= 1")
     if "/" not in c.eval.best_metric or c.eval.best_mode not in ("max", "min"):
         raise ConfigError("config.eval.best_metric must look like '<task>/<metric>' and best_mode be max|min")
+    check_intervals(c)
     return tasks
 
 

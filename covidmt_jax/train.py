@@ -2,7 +2,12 @@ r"""Train COVIDMT or any baseline: ``python -m covidmt_jax.train --config config
 
 Overrides: ``--config.optimizer.lr=1e-4``; the paper's task-count ablation:
 ``--config configs/covidmt_resnext50.py:tasks=3``. Re-running with the same ``--workdir``
-resumes from the last checkpoint (model, optimiser, step, RNG and data-iterator position).
+resumes from the last checkpoint (model, optimiser, step, RNG and data-iterator position);
+a resume whose config changes the checkpointed state's shapes (``model.*``, ``tasks``, the
+optimiser's name or clipping) is refused naming the keys, and ``config.json`` is rewritten
+only after the checkpoint has been restored. Start-up checks (before any data or run
+directory): the config keys (``config_lib.validate``), ``eval.best_metric`` against the
+metrics the tasks report, the model's constructor arguments, the workdir.
 
 The loop, in order:
 1. ``jax.distributed.initialize()`` when there are several processes; a ``Mesh`` over all
@@ -44,13 +49,24 @@ from covidmt_jax.data.records import DataError
 from covidmt_jax.export import save_model
 from covidmt_jax.models import cpu_conv
 from covidmt_jax.data.images import image_hw
-from covidmt_jax.tasks import Task, build_tasks, check_task_options, total_loss
+from covidmt_jax.tasks import Task, build_tasks, total_loss
 
 log = logging.getLogger("covidmt_jax.train")
 
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/Inf loss: the message names the step and the task(s)."""
+
+
+def nonfinite_message(step: int, bad: list[str], checkpoint_step: int | None, directory: Path) -> str:
+    """The :class:`NonFiniteLossError` text: the step, the task(s) (``bad``; empty: only the
+    total) and what is left on disk (``checkpoint_step``: the last saved step, None: none yet)."""
+    saved = (f"the last good checkpoint (step {checkpoint_step}) in {directory} is intact"
+             if checkpoint_step is not None else
+             f"no checkpoint had been written yet (none in {directory}); a re-run starts from step 0")
+    return (f"non-finite loss at step {step} in task(s) {bad or ['(total)']}; the update was not "
+            f"applied and {saved} (a smaller --config.optimizer.lr or --config.optimizer.grad_clip "
+            "may help)")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -105,8 +121,15 @@ def model_kwargs(cfg: ml_collections.ConfigDict, tasks) -> dict[str, Any]:
 
 
 def build_model(cfg: ml_collections.ConfigDict, tasks) -> nnx.Module:
-    model = models.create(cfg.model.name, dtype=cfg.model.dtype, rngs=nnx.Rngs(cfg.seed),
-                          **model_kwargs(cfg, tasks))
+    """The zoo model of ``cfg.model`` (ImageNet-initialised when ``init.torch_weights`` is set);
+    a constructor that refuses its arguments is a ConfigError naming ``config.model``."""
+    try:
+        model = models.create(cfg.model.name, dtype=cfg.model.dtype, rngs=nnx.Rngs(cfg.seed),
+                              **model_kwargs(cfg, tasks))
+    except (TypeError, ValueError) as e:
+        kw = cfg.model.kwargs.to_dict() if cfg.model.kwargs else {}
+        raise config_lib.ConfigError(f"config.model (name={cfg.model.name!r}, kwargs={kw}): "
+                                     f"the model cannot be built: {e}") from None
     if cfg.init.torch_weights:
         from covidmt_jax.weights import load_torch_weights
         report = load_torch_weights(model, cfg.init.torch_weights, source=cfg.init.source,
@@ -352,6 +375,105 @@ def skipped_images(*logs_and_sources) -> dict[str, Any]:
     return {"count": len(files), "files": list(files.values())}
 
 
+# ----------------------------------------------------------------------------- start-up checks
+
+# the smallest values each task kind's ``summarize`` takes: probing it gives the metric names
+# the task reports (tasks.py is the one place that defines them)
+_PROBE = {"classification": lambda: {"label": np.array([0.0, 1.0]), "prob": np.array([0.25, 0.75])},
+          "box": lambda: {"pred_boxes": [np.zeros((0, 4))], "pred_scores": [np.zeros(0)],
+                          "gt_boxes": [np.zeros((0, 4))]},
+          "segmentation": lambda: {"dice": np.array([1.0])}}
+
+
+def reported_metrics(tasks: list[Task]) -> list[str]:
+    """``["<task>/<metric>", ...]``: the keys :func:`evaluate` returns for ``tasks``."""
+    import warnings
+    out = []
+    for t in tasks:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            out += [f"{t.name}/{m}" for m in t.summarize(_PROBE[t.spec.kind]())]
+    return out
+
+
+def check_best_metric(cfg: ml_collections.ConfigDict, tasks: list[Task]) -> None:
+    """ConfigError unless ``eval.best_metric`` is a metric the tasks report."""
+    valid = reported_metrics(tasks)
+    if cfg.eval.best_metric not in valid:
+        raise config_lib.ConfigError(f"config.eval.best_metric={cfg.eval.best_metric!r} is not a metric "
+                                     f"of this run's tasks; valid: {valid}")
+
+
+def check_workdir(workdir: Path) -> None:
+    """ConfigError naming ``workdir`` when it is not a directory and cannot be made one."""
+    if workdir.exists() and not workdir.is_dir():
+        raise config_lib.ConfigError(f"--workdir {workdir}: exists and is not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config_lib.ConfigError(f"--workdir {workdir}: cannot create it ({e.strerror or e})") from None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": leaf}`` of nested dicts."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _state_shape_key(key: str) -> bool:
+    """Whether changing config key ``key`` changes the shapes of the checkpointed state."""
+    # model.dtype is the compute dtype: parameters and statistics stay float32 (param_dtype)
+    return ((key.startswith("model.") and key not in ("model.cpu_conv_kernels", "model.dtype"))
+            or key == "tasks"
+            or key == "optimizer.name" or key == "optimizer.grad_clip")
+
+
+def _state_value(key: str, value: Any) -> Any:
+    # grad clipping adds an optax chain level when on, whatever its value
+    return bool(value and value > 0) if key == "optimizer.grad_clip" else value
+
+
+def config_changes(stored: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(state-shape keys, other keys)`` whose values differ between two JSON configs (dotted,
+    sorted): the first kind (model.*, tasks, optimizer name / clipping) cannot resume."""
+    a, b = _flat(stored), _flat(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    shape = [k for k in changed if _state_shape_key(k)
+             and _state_value(k, a.get(k)) != _state_value(k, b.get(k))]
+    return shape, [k for k in changed if k not in shape]
+
+
+def check_resume(workdir: Path, cfg: ml_collections.ConfigDict) -> None:
+    """Before resuming ``workdir`` (it holds a checkpoint and ``config.json``): ConfigError
+    naming the keys that change the model / optimiser state shapes; other changes are logged."""
+    stored_path = workdir / "config.json"
+    ckpt_dir = workdir / "checkpoints"
+    if not stored_path.is_file() or not ckpt_dir.is_dir() or not any(
+            p.name.isdigit() for p in ckpt_dir.iterdir()):
+        return
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"{stored_path}: unreadable ({e}); cannot check that the resume "
+                                     "fits this config") from None
+    new = json.loads(cfg.to_json_best_effort())
+    shape, other = config_changes(stored, new)
+    a, b = _flat(stored), _flat(new)
+
+    def describe(keys):
+        return ", ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys)
+
+    if shape:
+        raise config_lib.ConfigError(f"--workdir {workdir} holds a checkpoint of another model/optimiser "
+                                     f"({describe(shape)}); use a new --workdir or the stored config.json")
+    if other:
+        log.info("resuming with changed config (was in %s): %s", stored_path, describe(other))
+
+
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -360,13 +482,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
 
     workdir = Path(workdir)
     specs = config_lib.validate(cfg)
-    check_task_options(specs, {k: dict(v) for k, v in cfg.task_options.items()})
+    task_options = {k: dict(v) for k, v in cfg.task_options.items()}
+    check_best_metric(cfg, build_tasks(specs, task_options))  # also checks the task options
     conv_paths = cpu_conv.set_paths(cfg.model.get("cpu_conv_kernels", "auto"), "config.model.cpu_conv_kernels")
-    workdir.mkdir(parents=True, exist_ok=True)  # after the config checks: a refused config leaves no run directory
     parallel.maybe_initialize_distributed()
     mesh = parallel.make_mesh(cfg.mesh.model_axis)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    model = build_model(cfg, specs)
+    check_resume(workdir, cfg)
+    # after the config checks: a refused config leaves no run directory (and config.json is
+    # written once the resume has restored, below)
+    check_workdir(workdir)
 
     on_error = cfg.data.get("on_error", "raise")
     train_sources = build_sources({ds: cfg.data.train[ds] for ds in {t.dataset for t in specs}}, "train",
@@ -384,9 +509,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     if jax.default_backend() == "cpu":
         log.info("CPU conv paths: %s", ",".join(sorted(conv_paths)) or "off (plain lax convs)")
 
-    model = build_model(cfg, specs)
-    tasks = build_tasks(specs, {k: dict(v) for k, v in cfg.task_options.items()},
-                        anchors=box_anchors(model, specs, cfg.data.image_size))
+    tasks = build_tasks(specs, task_options, anchors=box_anchors(model, specs, cfg.data.image_size))
     tx, lr_schedule = build_optimizer(cfg, spe)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     model.train()
@@ -412,10 +535,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
     ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.checkpoint.keep)
     step, best = 0, None
     if ckpt.latest_step() is not None:
-        state, data_state, meta = ckpt.restore(state)
+        try:
+            state, data_state, meta = ckpt.restore(state)
+        except (ValueError, TypeError, KeyError) as e:
+            ckpt.close()
+            raise config_lib.ConfigError(
+                f"--workdir {workdir}: its checkpoint (step {ckpt.latest_step()}) does not fit this "
+                f"config's model/optimiser state ({str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); "
+                "use a new --workdir or the stored config.json") from None
         data_iter.set_state(data_state)
         step, best = int(meta["step"]), meta.get("best")
         log.info("resumed from %s at step %d", ckpt.directory, step)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir, step)
 
     def better(v):
@@ -448,10 +580,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[st
             step += 1
             if not bool(metrics["finite"]):
                 bad = [t.name for t in tasks if not np.isfinite(float(metrics[f"{t.name}/loss"]))]
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} in task(s) {bad or ['(total)']}; the update "
-                    f"was not applied and the last good checkpoint "
-                    f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+                ckpt.wait()
+                raise NonFiniteLossError(nonfinite_message(step, bad, ckpt.latest_step(), ckpt.directory))
             if step % cfg.log_every_steps == 0 or step == total_steps:
                 now = time.time()
                 sps = (step - step_last) / max(now - t_last, 1e-9)
@@ -508,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     returns the exit status (:func:`covidmt_jax.cli.run_config_cli`)."""
     return run_config_cli(train, module="covidmt_jax.train", config_help="configs/<x>.py[:arg]",
                           workdir_help="run directory (re-use it to resume)", argv=argv,
-                          input_errors=(DataError,))
+                          input_errors=(DataError,), run_errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":
