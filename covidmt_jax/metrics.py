@@ -539,8 +539,6 @@ def clustered_binomial_ci(successes, clusters=None, alpha: float = 0.05,
     n = len(x)
     idx, g = _cluster_index(clusters, n, fn)
     k = int(x.sum())
-    if n == 0:
-        return float("nan"), float("nan"), float("nan")
     p = k / n
     if g == n:  # one film per patient: the plain interval
         lo, hi = binomial_ci(k, n, alpha, method)

@@ -352,9 +352,8 @@ def summarize(rows: Mapping[str, np.ndarray], models: Sequence[str], *, eta: flo
     ids = np.asarray(rows["pair_id"], dtype=object)
     bad = ids[np.asarray(rows["error"], dtype=object) != ""]
     pts = patients(rows)
-    clustered = pts is not None and any("n_clusters" in (s.get("ols_orig_vs_trans") or {})
-                                        or s.get("pi", {}).get("mcnemar_direction", {}).get("n_clusters")
-                                        for s in per.values())
+    # clustered where some model's scored pairs include a patient twice (model_summary's rule)
+    clustered = any(s.get("n_patients", s["n_scored"]) < s["n_scored"] for s in per.values())
     intervals = interval_methods(alpha, method, clustered=clustered)
     out = {"models": per, "comparisons": comparisons, "n_pairs": int(len(set(ids.tolist()))),
            "n_pairs_with_error": int(len(set(bad.tolist()))), "eta": float(eta),
