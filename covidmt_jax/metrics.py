@@ -351,8 +351,8 @@ def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float
     ``alpha``) over N, the positives and the negatives; ROC-AUC with DeLong's interval
     (:func:`roc_auc_ci`). Rates and their limits are fractions in [0, 1] here.
     ``clusters [N]`` (the films' patients): where a patient has several films, the three rates
-    get :func:`clustered_binomial_ci` (``ci["method"]`` says so); DeLong's interval still
-    treats the films as independent (``ci["roc_auc_method"]``).
+    get :func:`clustered_binomial_ci` and ROC-AUC Obuchowski's clustered variance
+    (:func:`roc_auc_ci`); ``ci["method"]`` and ``ci["roc_auc_method"]`` say so.
     """
     p = _vector(probs, "classification_report", "probs")
     if p.dtype == bool:
@@ -360,15 +360,15 @@ def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float
                          "(ROC-AUC needs a ranking)")
     c = confusion(labels, p, threshold)
     n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
-    auc, auc_lo, auc_hi = roc_auc_ci(labels, p, alpha)
     _cluster_index(clusters, len(p), "classification_report")
+    auc, auc_lo, auc_hi = roc_auc_ci(labels, p, alpha, clusters if has_repeats(clusters) else None)
     if has_repeats(clusters):
         y, d = _labels_and_decisions(labels, p, threshold, "classification_report")
         cl = np.asarray(clusters)
         rates = {"accuracy": clustered_binomial_ci(y == d, cl, alpha, method)[1:],
                  "sensitivity": clustered_binomial_ci(d[y], cl[y], alpha, method)[1:],
                  "specificity": clustered_binomial_ci(~d[~y], cl[~y], alpha, method)[1:]}
-        ci_method, auc_method = f"{method}, clustered (Korn-Graubard)", "DeLong (films as independent)"
+        ci_method, auc_method = f"{method}, clustered (Korn-Graubard)", "DeLong, clustered (Obuchowski)"
     else:
         rates = {"accuracy": binomial_ci(c["tp"] + c["tn"], n_pos + n_neg, alpha, method),
                  "sensitivity": binomial_ci(c["tp"], n_pos, alpha, method),
@@ -651,8 +651,9 @@ def _midrank_components(y: np.ndarray, scores: np.ndarray):
     return auc, v10, v01
 
 
-def _delong(labels, score_list: Sequence, fn: str):
-    """(auc [K], cov [K, K]) of DeLong et al. (1988); NaN when a class has < 2 members."""
+def _delong(labels, score_list: Sequence, fn: str, clusters=None):
+    """(auc [K], cov [K, K]) of DeLong et al. (1988), or with ``clusters [N]`` of Obuchowski
+    (1997); NaN when a class has < 2 members (< 2 clusters holding it)."""
     y = _labels(labels, fn)
     scores = []
     for i, s in enumerate(score_list):
@@ -660,25 +661,56 @@ def _delong(labels, score_list: Sequence, fn: str):
         _same_length(fn, labels=y, scores=a)
         scores.append(a)
     scores = np.stack(scores)
+    idx, g = _cluster_index(clusters, len(y), fn)
     m = int(y.sum())
     n = len(y) - m
     k = len(scores)
     if m == 0 or n == 0:
         return np.full(k, np.nan), np.full((k, k), np.nan)
     auc, v10, v01 = _midrank_components(y, scores)
-    if m < 2 or n < 2:
-        return auc, np.full((k, k), np.nan)
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    return auc, cov
+    if g == len(y):  # one film per patient: DeLong's estimate
+        if m < 2 or n < 2:
+            return auc, np.full((k, k), np.nan)
+        return auc, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return auc, _obuchowski_cov(auc, v10, v01, idx[y], idx[~y], g)
 
 
-def roc_auc_variance(labels, scores) -> tuple[float, float]:
-    """(AUC, DeLong variance of the AUC) for one score vector (see :func:`roc_auc_ci`)."""
-    auc, cov = _delong(labels, [scores], "roc_auc_variance")
+def _obuchowski_cov(auc: np.ndarray, v10: np.ndarray, v01: np.ndarray, pos_cluster: np.ndarray,
+                    neg_cluster: np.ndarray, g: int) -> np.ndarray:
+    """Covariance [K, K] of K AUCs from clustered data (Obuchowski 1997, Biometrics 53:567).
+
+    The structural components of DeLong (``v10 [K, M]`` per positive film, ``v01 [K, N]`` per
+    negative film; :func:`_midrank_components`) are summed per cluster (patient) i, giving
+    ``D10_i = sum_{films of i} v10 - m_i AUC`` and ``D01_i = sum v01 - n_i AUC`` for the m_i
+    positive and n_i negative films of patient i. With I10 / I01 the numbers of patients with a
+    positive / negative film and I the number of patients:
+    ``S10 = I10 / ((I10 - 1) M) sum_i D10_i D10_i'``, ``S01 = I01 / ((I01 - 1) N) sum_i D01_i
+    D01_i'``, ``S11 = I / (I - 1) sum_i D10_i D01_i'`` and
+    ``cov = S10 / M + S01 / N + (S11 + S11') / (M N)``. With one film per patient S11 = 0 and
+    this is DeLong's covariance; a patient's films may have either label."""
+    m, n = v10.shape[1], v01.shape[1]
+    m_i = np.bincount(pos_cluster, minlength=g)
+    n_i = np.bincount(neg_cluster, minlength=g)
+    i10, i01 = int((m_i > 0).sum()), int((n_i > 0).sum())
+    k = len(auc)
+    if i10 < 2 or i01 < 2:
+        return np.full((k, k), np.nan)
+    d10 = np.stack([np.bincount(pos_cluster, weights=v, minlength=g) for v in v10]) - np.outer(auc, m_i)
+    d01 = np.stack([np.bincount(neg_cluster, weights=v, minlength=g) for v in v01]) - np.outer(auc, n_i)
+    s10 = i10 / ((i10 - 1) * m) * (d10 @ d10.T)
+    s01 = i01 / ((i01 - 1) * n) * (d01 @ d01.T)
+    s11 = g / (g - 1) * (d10 @ d01.T)
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+def roc_auc_variance(labels, scores, clusters=None) -> tuple[float, float]:
+    """(AUC, DeLong variance of the AUC) for one score vector (see :func:`roc_auc_ci`;
+    ``clusters``: Obuchowski's clustered variance)."""
+    auc, cov = _delong(labels, [scores], "roc_auc_variance", clusters)
     return float(auc[0]), float(cov[0, 0])
 
 
-def roc_auc_ci(labels, scores, alpha: float = 0.05) -> tuple[float, float, float]:
+def roc_auc_ci(labels, scores, alpha: float = 0.05, clusters=None) -> tuple[float, float, float]:
     """(AUC, lo, hi): ROC-AUC (:func:`roc_auc`) with DeLong's interval.
 
     DeLong, DeLong & Clarke-Pearson (1988): the AUC is the Mann-Whitney statistic, a two-sample
@@ -691,9 +723,13 @@ def roc_auc_ci(labels, scores, alpha: float = 0.05) -> tuple[float, float, float
     than two members of a class. At AUC = 0 or 1 (perfect separation) the variance estimate is 0
     and the interval degenerates to a point: read it as "no ranking error in this sample", not
     as certainty.
+
+    ``clusters [N]`` (the films' patients): where a patient has several films, the variance is
+    Obuchowski's (1997) for clustered data (:func:`_obuchowski_cov`), which is DeLong's with one
+    film per patient; lo = hi = NaN when fewer than two patients have a film of each class.
     """
     alpha = _check_alpha(alpha, "roc_auc_ci")
-    auc, cov = _delong(labels, [scores], "roc_auc_ci")
+    auc, cov = _delong(labels, [scores], "roc_auc_ci", clusters)
     a, var = float(auc[0]), float(cov[0, 0])
     if not math.isfinite(var):
         return a, float("nan"), float("nan")
@@ -701,7 +737,7 @@ def roc_auc_ci(labels, scores, alpha: float = 0.05) -> tuple[float, float, float
     return a, max(0.0, a - half), min(1.0, a + half)
 
 
-def roc_auc_compare(labels, scores_a, scores_b, alpha: float = 0.05) -> dict:
+def roc_auc_compare(labels, scores_a, scores_b, alpha: float = 0.05, clusters=None) -> dict:
     """DeLong's paired test of two ROC-AUCs on the same cases (two models, or one model on
     originals and on transmitted images): dict(auc_a, auc_b, diff, lo, hi, z, p_value, n_pos,
     n_neg, method).
@@ -710,10 +746,12 @@ def roc_auc_compare(labels, scores_a, scores_b, alpha: float = 0.05) -> dict:
     DeLong covariance of the two AUCs (:func:`roc_auc_ci`); ``z = diff / sd`` and the two-sided
     normal p-value; [lo, hi] = ``diff -/+ z_{1-alpha/2} sd`` (not clipped). Identical score
     vectors give diff 0, sd 0: z and p are NaN then (no test to make), lo = hi = 0.
+    ``clusters [N]`` (the cases' patients, with repeats): the joint covariance is Obuchowski's
+    (1997) for clustered data, and ``method`` says so.
     """
     fn = "roc_auc_compare"
     alpha = _check_alpha(alpha, fn)
-    auc, cov = _delong(labels, [scores_a, scores_b], fn)
+    auc, cov = _delong(labels, [scores_a, scores_b], fn, clusters)
     diff = float(auc[0] - auc[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
     sd = math.sqrt(max(var, 0.0)) if math.isfinite(var) else float("nan")
@@ -723,7 +761,8 @@ def roc_auc_compare(labels, scores_a, scores_b, alpha: float = 0.05) -> dict:
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "diff": diff,
             "lo": diff - half, "hi": diff + half, "z": z,
             "p_value": float(2 * scipy_stats.norm.sf(abs(z))) if math.isfinite(z) else float("nan"),
-            "n_pos": int(y.sum()), "n_neg": int((~y).sum()), "method": "DeLong paired"}
+            "n_pos": int(y.sum()), "n_neg": int((~y).sum()),
+            "method": "DeLong paired, clustered (Obuchowski)" if has_repeats(clusters) else "DeLong paired"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,12 +89,14 @@ def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson", *,
             "denominators": "PI: the scored pairs; OLS: the images with a non-empty heat map; "
                             "accuracy: the labelled pairs; sensitivity / specificity: their "
                             "positives / negatives; error rate: all rows of the model",
-            "roc_auc": f"DeLong {level} interval (normal, clipped to [0, 1]; pairs as independent)",
+            "roc_auc": f"DeLong {level} interval (normal, clipped to [0, 1]) with Obuchowski's "
+                       "variance for patient clusters",
             "paired_difference": f"Newcombe hybrid score {level} interval widened by the square "
                                  "root of the design effect of the patient clusters, in percentage points",
             "mcnemar": "clustered McNemar (Durkalski 2003): (sum_k (b_k - c_k))^2 / sum_k (b_k - c_k)^2 "
                        "over patients k, chi-square with 1 degree of freedom",
-            "roc_auc_difference": f"DeLong paired test, normal {level} interval (pairs as independent)"}
+            "roc_auc_difference": f"DeLong paired test, normal {level} interval, with Obuchowski's "
+                                  "covariance for patient clusters"}
     return {
         "level": level,
         "proportions": f"{name} binomial {level} interval",
@@ -231,7 +233,8 @@ def model_summary(rows: Mapping[str, np.ndarray], threshold: float = 0.5, *, eta
                                   metrics.clustered_mcnemar(do[known] == y, dt[known] == y, ck))
         out["accuracy_orig_vs_trans"] = metrics.paired_comparison(do[known] == y, dt[known] == y,
                                                                   alpha, clusters=ck)
-        out["roc_auc_orig_vs_trans"] = metrics.roc_auc_compare(y, po[known], pt[known], alpha)
+        out["roc_auc_orig_vs_trans"] = metrics.roc_auc_compare(y, po[known], pt[known], alpha,
+                                                               clusters=ck)
     return out
 
 
@@ -316,8 +319,9 @@ def compare_models(rows: Mapping[str, np.ndarray], model_a: str, model_b: str, *
     known = labels >= 0
     if known.any():
         y = labels[known].astype(bool)
+        ck = None if cl is None else cl[known]
         out["roc_auc"] = {side: metrics.roc_auc_compare(y, col(model_a, key)[known],
-                                                        col(model_b, key)[known], alpha)
+                                                        col(model_b, key)[known], alpha, clusters=ck)
                           for side, key in (("original", "prob_orig"), ("transmitted", "prob_trans"))}
     return out
 
@@ -561,8 +565,8 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
             L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, some "
                   "with several pairs, which are not independent: rates use the "
                   f"{iv.get('proportions', '')}; paired differences the {iv.get('paired_difference', '')}; "
-                  f"paired p-values the {iv.get('mcnemar', '')}. ROC-AUC intervals treat pairs as "
-                  "independent.", ""]
+                  f"paired p-values the {iv.get('mcnemar', '')}; ROC-AUC the "
+                  f"{iv.get('roc_auc', '')}.", ""]
         else:
             L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, one pair "
                   "each: the intervals above hold as they are.", ""]

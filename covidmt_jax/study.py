@@ -436,7 +436,7 @@ def source_probe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     non-COVID set)
     from the film with its lungs blanked (``outside``), and, for reference, from the lungs
     alone (``inside``)? Trained on the train films, ROC-AUC (DeLong interval) and balanced
-    accuracy on the test films."""
+    accuracy on the test films (intervals clustered by patient where one has several)."""
     from covidmt_jax.data.sources import get_source
     p = cfg.probe
     sets = tuple(p.sets)
@@ -448,14 +448,15 @@ def source_probe(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                          non_covid_sets=sets[1:], dedupe=False, max_per_class=int(n))
         data[split] = [src[i] for i in range(len(src))]
     y = {sp: np.array([float(r["meta"]["source"] == sets[0]) for r in recs]) for sp, recs in data.items()}
+    test_patients = np.asarray([str(r["meta"]["patient_id"]) for r in data["test"]], dtype=object)
     out: dict[str, Any] = {"sets": list(sets), "positive": sets[0], "n_train": len(y["train"]),
                            "n_test": len(y["test"]), "n_test_positive": int(y["test"].sum())}
     for keep in ("outside", "inside"):
         feats = {sp: np.stack([_probe_features(r, int(p.size), keep) for r in recs]) for sp, recs in data.items()}
         w, b, mean, std = fit_logistic(feats["train"], y["train"], steps=p.steps, lr=p.lr, l2=p.l2)
         score = 1.0 / (1.0 + np.exp(-(((feats["test"] - mean) / std) @ w + b)))
-        auc, lo, hi = metrics.roc_auc_ci(y["test"].astype(bool), score)
-        rep = metrics.classification_report(y["test"].astype(bool), score, 0.5)
+        auc, lo, hi = metrics.roc_auc_ci(y["test"].astype(bool), score, clusters=test_patients)
+        rep = metrics.classification_report(y["test"].astype(bool), score, 0.5, clusters=test_patients)
         out[keep] = {"roc_auc": auc, "roc_auc_ci": [lo, hi],
                      "balanced_accuracy": 0.5 * (rep["sensitivity"] + rep["specificity"]),
                      "sensitivity": rep["sensitivity"], "specificity": rep["specificity"],

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from covidmt_jax import metrics as M
 
@@ -371,6 +372,100 @@ def test_delong_special_cases_and_speed():
     auc, lo, hi = M.roc_auc_ci(yy, ss)
     assert time.perf_counter() - t0 < 5.0
     assert lo < auc < hi and hi - lo < 0.01
+
+
+def _brute_obuchowski(y, scores, patient):
+    """Obuchowski (1997)'s covariance of clustered AUCs straight from its definition: the
+    kernel psi over every positive x negative film pair, V10 / V01 summed per patient."""
+    y, patient = np.asarray(y, bool), np.asarray(patient)
+    ids = sorted(set(patient.tolist()))
+    m, n = int(y.sum()), int((~y).sum())
+    d10, d01, aucs = [], [], []
+    for s in scores:
+        psi = ((s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :]))
+        auc = psi.sum() / (m * n)
+        v10 = dict.fromkeys(ids, 0.0)
+        v01 = dict.fromkeys(ids, 0.0)
+        for i, p in enumerate(patient[y]):
+            v10[p] += psi[i].sum() / n
+        for j, p in enumerate(patient[~y]):
+            v01[p] += psi[:, j].sum() / m
+        m_i = {p: int(np.sum(patient[y] == p)) for p in ids}
+        n_i = {p: int(np.sum(patient[~y] == p)) for p in ids}
+        d10.append([v10[p] - m_i[p] * auc for p in ids])
+        d01.append([v01[p] - n_i[p] * auc for p in ids])
+        aucs.append(auc)
+    d10, d01 = np.array(d10), np.array(d01)
+    i10 = len(set(patient[y].tolist()))
+    i01 = len(set(patient[~y].tolist()))
+    i = len(ids)
+    s10 = i10 / ((i10 - 1) * m) * d10 @ d10.T
+    s01 = i01 / ((i01 - 1) * n) * d01 @ d01.T
+    s11 = i / (i - 1) * d10 @ d01.T
+    return np.array(aucs), s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clustered_auc_variance_matches_obuchowskis_definition(seed):
+    # patients of 1-4 films whose labels may differ (a film before and after infection)
+    rng = np.random.default_rng(seed)
+    patient = np.repeat(np.arange(30), rng.integers(1, 5, 30))
+    y = rng.random(len(patient)) < 0.4
+    s1 = np.round(rng.normal(size=len(patient)) + y + rng.normal(size=30)[patient], 1)  # ties
+    s2 = s1 + rng.normal(size=len(patient))
+    want_auc, want_cov = _brute_obuchowski(y, [s1, s2], patient)
+    auc, var = M.roc_auc_variance(y, s1, clusters=patient)
+    assert auc == pytest.approx(want_auc[0], abs=1e-12)
+    assert var == pytest.approx(want_cov[0, 0], rel=1e-10)
+    r = M.roc_auc_compare(y, s1, s2, clusters=patient)
+    sd = math.sqrt(want_cov[0, 0] + want_cov[1, 1] - 2 * want_cov[0, 1])
+    assert r["z"] == pytest.approx((want_auc[0] - want_auc[1]) / sd, rel=1e-9)
+    assert r["method"] == "DeLong paired, clustered (Obuchowski)"
+
+
+def test_clustered_auc_variance_is_delongs_with_one_film_per_patient_and_counts_copies_once():
+    rng = np.random.default_rng(4)
+    y = rng.random(50) < 0.5
+    s1, s2 = rng.normal(size=50) + y, rng.normal(size=50) + 0.5 * y
+    assert M.roc_auc_ci(y, s1, clusters=np.arange(50)) == M.roc_auc_ci(y, s1)
+    assert M.roc_auc_compare(y, s1, s2, clusters=[f"p{i}" for i in range(50)]) == M.roc_auc_compare(y, s1, s2)
+    # every film twice, both copies one patient's: the clustered interval is the one of the
+    # 50 films; DeLong's treats the 100 as independent and narrows by about sqrt(2)
+    yy, ss, cl = np.repeat(y, 2), np.repeat(s1, 2), np.repeat(np.arange(50), 2)
+    assert M.roc_auc_ci(yy, ss, clusters=cl) == pytest.approx(M.roc_auc_ci(y, s1), rel=1e-12)
+    _, lo, hi = M.roc_auc_ci(yy, ss)
+    _, clo, chi = M.roc_auc_ci(y, s1)
+    assert (hi - lo) / (chi - clo) == pytest.approx(1 / math.sqrt(2), abs=0.03)
+    cmp2 = M.roc_auc_compare(yy, ss, np.repeat(s2, 2), clusters=cl)
+    cmp1 = M.roc_auc_compare(y, s1, s2)
+    assert (cmp2["lo"], cmp2["hi"], cmp2["p_value"]) == pytest.approx((cmp1["lo"], cmp1["hi"], cmp1["p_value"]))
+    # fewer than two patients with a positive film: no variance estimate
+    auc, lo, hi = M.roc_auc_ci([1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.7, 0.2], clusters=[0, 0, 1, 2, 3])
+    assert auc == 1.0 and math.isnan(lo) and math.isnan(hi)
+    with pytest.raises(ValueError, match="clusters must be a 1-D array"):
+        M.roc_auc_ci(y, s1, clusters=np.arange(49))
+
+
+def test_clustered_auc_interval_keeps_coverage_where_delongs_does_not():
+    # patients of 1-5 films, one label per patient; a patient effect shared by the films
+    # (sd 1) and film noise (sd 0.3): the true AUC is Phi(delta / sqrt(2 (1 + 0.09)))
+    rng = np.random.default_rng(11)
+    delta, reps = 1.0, 600
+    truth = float(scipy_stats.norm.cdf(delta / math.sqrt(2 * 1.09)))
+    hit = {"clustered": 0, "films": 0}
+    for _ in range(reps):
+        g = 150
+        sizes = rng.integers(1, 6, g)
+        patient = np.repeat(np.arange(g), sizes)
+        ypat = rng.random(g) < 0.4
+        y = ypat[patient]
+        s = delta * y + rng.normal(size=g)[patient] + 0.3 * rng.normal(size=len(patient))
+        _, lo, hi = M.roc_auc_ci(y, s, clusters=patient)
+        hit["clustered"] += lo <= truth <= hi
+        _, lo, hi = M.roc_auc_ci(y, s)
+        hit["films"] += lo <= truth <= hi
+    assert hit["clustered"] / reps >= 0.93, hit  # 0.947 at this seed; 0.925-0.95 at others
+    assert hit["films"] / reps <= 0.80, hit      # 0.70
 
 
 # ------------------------------------------------------------------------------------- McNemar
@@ -792,6 +887,8 @@ def test_paired_and_rate_functions_take_patients():
     rep = M.classification_report(x, np.where(y, 0.8, 0.3), clusters=patient)
     assert rep["ci"]["method"] == "clopper-pearson, clustered (Korn-Graubard)"
     assert rep["ci"]["sensitivity"] == pytest.approx(list(M.clustered_binomial_ci(y[x], patient[x])[1:]))
-    assert rep["ci"]["roc_auc_method"] == "DeLong (films as independent)"
+    assert rep["ci"]["roc_auc_method"] == "DeLong, clustered (Obuchowski)"
+    assert rep["ci"]["roc_auc"] == pytest.approx(list(M.roc_auc_ci(x, np.where(y, 0.8, 0.3),
+                                                                    clusters=patient)[1:]), nan_ok=True)
     assert M.classification_report(x, np.where(y, 0.8, 0.3), clusters=np.arange(len(x))) == \
         M.classification_report(x, np.where(y, 0.8, 0.3))

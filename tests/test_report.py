@@ -286,10 +286,20 @@ def test_rows_with_patients_get_clustered_intervals_and_tests(tmp_path):
         tuple(100 * v for v in metrics.clustered_binomial_ci(out, pt)[1:]))
     assert s["classification"]["original"]["ci"]["method"].endswith("clustered (Korn-Graubard)")
     assert s["ols_orig_vs_trans"]["mcnemar"]["method"] == "clustered chi2 (Durkalski)"
+    y = rows["label"][a].astype(bool)
+    assert s["classification"]["original"]["ci"]["roc_auc"] == pytest.approx(
+        list(metrics.roc_auc_ci(y, rows["prob_orig"][a], clusters=pt)[1:]))
+    auc = s["roc_auc_orig_vs_trans"]
+    assert auc["method"] == "DeLong paired, clustered (Obuchowski)"
+    assert (auc["lo"], auc["hi"]) == pytest.approx(
+        [metrics.roc_auc_compare(y, rows["prob_orig"][a], rows["prob_trans"][a], clusters=pt)[k]
+         for k in ("lo", "hi")])
     c = summary["comparisons"][0]
+    assert c["roc_auc"]["transmitted"]["method"] == "DeLong paired, clustered (Obuchowski)"
     assert c["pi"]["n_clusters"] == 40 and c["ols"]["original"]["n_clusters"] == 40
     assert "Korn-Graubard" in summary["intervals"]["proportions"]
     assert "Durkalski" in summary["intervals"]["mcnemar"]
+    assert "Obuchowski" in summary["intervals"]["roc_auc"]
     # wider than the film-level interval, which takes the films as independent
     plain = report.summarize({k: v for k, v in rows.items() if k != "patient"}, ["a", "b"], eta=0.4)
     assert "n_patients" not in plain
