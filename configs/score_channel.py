@@ -13,7 +13,9 @@ Arguments: ``root`` (image folder, required), ``model`` (export dirs, ``+``-sepa
 ``names``, ``channel`` (whatsapp | whatsapp_hd | telegram | jpeg75 ..., default whatsapp),
 ``quality`` (one quality override), ``qualities`` (``+``-separated sweep, e.g. ``30+50+70+90``),
 ``labels`` (``1`` = labels from sub-folders, e.g. ``0_NON_COVID`` / ``1_COVID-19``), ``label``
-(the positive class folder), ``lungs``, ``size`` (512), ``batch`` (16), ``limit``.
+(the positive class folder), ``lungs``, ``size`` (512), ``batch`` (16), ``limit``, ``patients``
+(files naming each film's patient, ``+``-separated: COVIDx label files or ``filename,patient``
+CSVs; covidmt_jax.scoring.patients).
 
 A ``model`` item ``xrv:NAME@FILE`` is a torchxrayvision classifier (``NAME``: ``densenet121``,
 ``resnet50`` or a weight set such as ``densenet121-res224-rsna``; ``FILE``: its state dict),
@@ -28,7 +30,7 @@ from covidmt_jax.scoring.config import base_config, classifier_entry
 def get_config(arg=None):
     opts = parse_arg(arg)
     known = {"root", "model", "names", "channel", "quality", "qualities", "labels", "label", "lungs",
-             "size", "batch", "limit", "target"}
+             "size", "batch", "limit", "target", "patients"}
     unknown = set(opts) - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -56,6 +58,7 @@ def get_config(arg=None):
     c.pairs.quality = int(opts.get("quality", 0))
     c.pairs.qualities = tuple(int(q) for q in opts["qualities"].split("+")) if opts.get("qualities") else ()
     c.pairs.limit = int(opts.get("limit", -1))
+    c.pairs.patients = ",".join(opts["patients"].split("+")) if opts.get("patients") else ""
     c.image_size = int(opts.get("size", 512))
     c.batch_size = int(opts.get("batch", 16))
     return c

@@ -8,7 +8,9 @@ Arguments: ``root`` (folder holding ``covid_binary_test`` and ``covid_binary_tes
 required); ``model`` (one or more export dirs separated by ``+``, required), ``names`` (their
 labels in the report, ``+``-separated; default: ``model0``, ``model1`` ... or the folder names),
 ``lungs`` (U-Net export dir; default the shipped segmenter), ``size`` (512), ``batch`` (16),
-``format`` (csv | parquet). More models (e.g. imported torchvision weights) can be added with
+``format`` (csv | parquet), ``patients`` (files naming each film's patient, ``+``-separated:
+the COVIDx label files the test films come from, e.g. ``train_COVIDx8B.txt+test_COVIDx8B.txt``,
+or ``filename,patient`` CSVs; covidmt_jax.scoring.patients). More models (e.g. imported torchvision weights) can be added with
 ``--config.classifiers`` overrides or by copying this file.
 """
 from pathlib import Path
@@ -19,10 +21,10 @@ from covidmt_jax.scoring.config import base_config, classifier_entry
 
 def get_config(arg=None):
     opts = parse_arg(arg)
-    unknown = set(opts) - {"root", "model", "names", "lungs", "size", "batch", "format"}
+    unknown = set(opts) - {"root", "model", "names", "lungs", "size", "batch", "format", "patients"}
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; use root=PATH,model=DIR[+DIR]"
-                         "[,names=A+B,lungs=DIR,size=S,batch=B,format=csv|parquet]")
+                         "[,names=A+B,lungs=DIR,size=S,batch=B,format=csv|parquet,patients=FILE+FILE]")
     for key in ("root", "model"):
         if not opts.get(key):
             raise ValueError(f"configs/score_wacxr.py needs {key}= (root=WACXR_DIR,model=EXPORT_DIR)")
@@ -38,6 +40,7 @@ def get_config(arg=None):
     c.image_size = int(opts.get("size", 512))
     c.batch_size = int(opts.get("batch", 16))
     c.output.format = opts.get("format", "csv")
+    c.pairs.patients = ",".join(opts["patients"].split("+")) if opts.get("patients") else ""
     return c
 
 

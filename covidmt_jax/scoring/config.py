@@ -6,7 +6,8 @@ Layout (``base_config()``)::
     lungs                lung segmenter: "" = the shipped "fields" U-Net, a name of
                          covidmt_jax.lungs.SEGMENTERS, or an exported U-Net directory
     pairs.source, pairs.kwargs, pairs.channel, pairs.quality, pairs.qualities, pairs.limit,
-    pairs.label, pairs.max_aspect_diff
+    pairs.label, pairs.max_aspect_diff, pairs.patients (files naming each pair's patient:
+    covidmt_jax.scoring.patients)
     image_size, batch_size, num_workers, dtype
     cam.method, cam.cam_threshold, eta, threshold, seed (the random gallery pairs)
     gallery.flipped, gallery.random, gallery.qc_flagged (pairs with a flagged lung mask),
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
         "limit": -1,                  # score the first N pairs (-1 = all)
         "label": "",                  # label column of the COVID ground truth ("" = auto)
         "max_aspect_diff": 0.02,      # relative aspect-ratio difference of a mismatched pair
+        "patients": "",               # COVIDx label / CSV files naming each pair's patient ("" = none)
     })
     c.image_size = 512
     c.batch_size = 8

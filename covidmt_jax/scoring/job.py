@@ -25,11 +25,16 @@ Resume is decided by content, never by names alone:
   now (``pairs.limit``; deleted pairs dropped, added pairs scored); ``index`` is each pair's
   current position in the source. At the end the row store is compacted: one row per
   (pair, model), rows of pairs no longer in the source removed.
+- ``pairs.patients`` (:mod:`covidmt_jax.scoring.patients`) is read at the start: a pair
+  without a patient stops the job before anything is scored. Patients change the statistics
+  only, not a row, so they are not in the fingerprint: giving them to a finished job
+  re-summarises it (``WORKDIR/patients.csv`` keeps the pair -> patient map next to the rows).
 - A job killed at any point (``kill -9``) resumes without duplicates: rows are appended batch by
   batch, the latest row of a key wins, and the compaction is atomic.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -53,6 +58,7 @@ from covidmt_jax.data.records import DataError
 from covidmt_jax.lungs import LungSegmenter
 from covidmt_jax.normalisation import denormalise
 from covidmt_jax.scoring import pairs as pairs_lib
+from covidmt_jax.scoring import patients as patients_lib
 from covidmt_jax.scoring.config import qc_thresholds, validate, with_quality
 from covidmt_jax.scoring.loading import DEFAULT_LUNGS, Head, check_classifiers, load_models
 from covidmt_jax.scoring.rows import INPUT_SIG, RowStore, pair_rows, row_columns, select
@@ -244,6 +250,9 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     if n == 0 and cfg.pairs.limit != 0:
         raise no_pairs_error(source)
     check_same_pairs(source.name, ids[:n])
+    patient_files = patients_lib.patient_files(cfg.pairs.get("patients", ""))
+    patient_of = (patients_lib.pair_patients(ids[:n], patients_lib.read_patient_map(patient_files),
+                                             patient_files) if patient_files else None)
     done: set = set()  # process 0: the (pair_id, model) rows that are current
 
     def plan() -> dict[str, Any]:
@@ -319,6 +328,10 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
         rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
         store.compact(rows)
         rows = select(rows, rows["index"] < n)
+        if patient_of is not None:
+            rows[report.PATIENT_COLUMN] = np.asarray([patient_of[pid] for pid in rows["pair_id"].tolist()],
+                                                     dtype=object)
+            write_patients(workdir / "patients.csv", patient_of)
         summary = report.summarize(rows, names, eta=cfg.eta, conventions=conventions,
                                    thresholds={m: classifiers[m][1].threshold for m in names})
         summary["job"] = {
@@ -328,6 +341,7 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
             "image_size": int(cfg.image_size), "cam_method": cfg.cam.method,
             "cam_threshold": float(cfg.cam.cam_threshold), "eta": float(cfg.eta),
             "lung_conventions": conventions,
+            "patient_files": [str(f) for f in patient_files],
             "channel": channel.describe() if channel is not None else
             getattr(getattr(source, "channel", None), "describe", lambda: "")(),
             "quality": int(quality or cfg.pairs.quality or 0) or None,
@@ -360,6 +374,17 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
     write_json(workdir / "summary.json", summary)
     log.info("wrote %s, %s", workdir / "summary.json", workdir / "report.md")
     return summary
+
+
+def write_patients(path: Path, patient_of: Mapping[str, str]) -> None:
+    """``pair_id,patient`` of the selected pairs (``config.pairs.patients``), so that the rows
+    can be summarised again with their patients (:func:`covidmt_jax.report.summarize`)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["pair_id", report.PATIENT_COLUMN])
+        w.writerows(patient_of.items())
+    os.replace(tmp, path)
 
 
 def no_pairs_error(source) -> DataError:
