@@ -67,8 +67,11 @@ class Task(abc.ABC):
     ``OPTIONS``: ``{option: (default, check)}``, the loss and metric options this kind takes
     (``config.task_options.<task>``); an unknown option or a bad value is a
     :class:`~covidmt_jax.errors.ConfigError` naming the task, the option and the choices.
-    ``self.options`` holds every option, defaults filled in."""
+    ``self.options`` holds every option, defaults filled in. ``METRICS``: the names of the
+    metrics :meth:`summarize` returns, in its order (the trainer checks ``eval.best_metric``
+    against them before compiling anything)."""
     kind: ClassVar[str]
+    METRICS: ClassVar[tuple[str, ...]]
     OPTIONS: ClassVar[dict[str, tuple[Any, Callable[[Any], str | None]]]] = {}
 
     def __init__(self, spec: TaskSpec, column: int | None = None, **options: Any):
@@ -116,6 +119,7 @@ class ClassificationTask(Task):
     (0.5; the probability at or above which sensitivity/specificity/accuracy count a positive)."""
     kind = "classification"
     OPTIONS = {"threshold": (0.5, _in_range(0.0, 1.0))}
+    METRICS = ("roc_auc", "sensitivity", "specificity", "accuracy")
 
     def loss(self, outputs, batch, weight_norm=None):
         logits = outputs[self.name].astype(jnp.float32)
@@ -131,7 +135,7 @@ class ClassificationTask(Task):
     def summarize(self, collected):
         threshold = float(self.options["threshold"])
         rep = metrics.classification_report(collected["label"], collected["prob"], threshold)
-        return {k: float(rep[k]) for k in ("roc_auc", "sensitivity", "specificity", "accuracy")}
+        return {k: float(rep[k]) for k in self.METRICS}
 
 
 def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
@@ -179,6 +183,7 @@ class BoxTask(Task):
                "focal_alpha": (0.25, _in_range(0.0, 1.0)),
                "focal_gamma": (2.0, _in_range(0.0)),
                "score_threshold": (0.3, _in_range(0.0, 1.0))}
+    METRICS = ("map", "ap50")
 
     def __init__(self, spec: TaskSpec, column: int | None = None, *, anchors: Any = None,
                  **options: Any):
@@ -257,6 +262,7 @@ class SegmentationTask(Task):
     """Lung masks: soft Dice + binary cross-entropy on ``outputs[name]`` logits
     ``[B, H, W, 1]`` vs ``batch["mask"]``; Dice at 0.5 for evaluation."""
     kind = "segmentation"
+    METRICS = ("dice",)
 
     def loss(self, outputs, batch, weight_norm=None):
         logits = outputs[self.name].astype(jnp.float32)

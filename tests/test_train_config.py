@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from covidmt_jax import cli, config_lib, score, study, train
@@ -72,6 +73,13 @@ def test_reported_metrics_are_what_evaluation_reports():
     names = train.reported_metrics(build_tasks(["covid", "box"]))
     assert names == ["covid/roc_auc", "covid/sensitivity", "covid/specificity", "covid/accuracy",
                      "box/map", "box/ap50"]
+    # each kind's METRICS are the keys its summarize returns, in order
+    collected = {"covid": {"label": np.array([0.0, 1.0, 1.0]), "prob": np.array([0.2, 0.7, 0.4])},
+                 "box": {"pred_boxes": [np.array([[0.1, 0.1, 0.5, 0.5]])], "pred_scores": [np.array([0.9])],
+                         "gt_boxes": [np.array([[0.1, 0.1, 0.5, 0.6]])]},
+                 "lungs": {"dice": np.array([0.9, 0.8])}}
+    for task in build_tasks(["covid", "box", "lungs"]):
+        assert tuple(task.summarize(collected[task.name])) == task.METRICS, task.name
 
 
 # ----------------------------------------------------------------------------- 3. intervals
