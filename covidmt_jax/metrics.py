@@ -477,6 +477,13 @@ def _cluster_index(clusters, n: int, fn: str) -> tuple[np.ndarray, int]:
         raise ValueError(f"{fn}: clusters must be a 1-D array of the values' length {n}, got shape {labels.shape}")
     if n == 0:
         return np.zeros(0, np.int64), 0
+    if labels.dtype.kind in "fcO":
+        bad = [i for i, v in enumerate(labels.tolist()) if v is None or (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            raise ValueError(f"{fn}: clusters hold a missing label (None or NaN) at position {bad[0]} "
+                             f"({len(bad)} in all); give each item of an unknown cluster a label of its own")
+    if labels.dtype == object:  # mixed types (e.g. ints and strings) sort as their text
+        labels = labels.astype(str)
     _, idx = np.unique(labels, return_inverse=True)
     return idx.reshape(-1), int(idx.max()) + 1
 

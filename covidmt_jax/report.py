@@ -113,11 +113,12 @@ def interval_methods(alpha: float = 0.05, method: str = "clopper-pearson", *,
 
 def patients(rows: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """``[N]`` patient labels of the rows, or None without a :data:`PATIENT_COLUMN`; a row
-    without a patient ("") counts as a patient of its own."""
+    without a patient ("", None or NaN) counts as a patient of its own."""
     if PATIENT_COLUMN not in rows:
         return None
     p = np.asarray(rows[PATIENT_COLUMN], dtype=object)
-    return np.asarray([str(v) if v not in ("", None) else f"\0row{i}" for i, v in enumerate(p)], dtype=object)
+    return np.asarray([f"\0row{i}" if v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+                       else str(v) for i, v in enumerate(p)], dtype=object)
 
 
 def further_conventions(rows: Mapping[str, np.ndarray]) -> list[str]:

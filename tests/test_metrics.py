@@ -444,6 +444,11 @@ def test_clustered_auc_variance_is_delongs_with_one_film_per_patient_and_counts_
     assert auc == 1.0 and math.isnan(lo) and math.isnan(hi)
     with pytest.raises(ValueError, match="clusters must be a 1-D array"):
         M.roc_auc_ci(y, s1, clusters=np.arange(49))
+    for bad in ([None] + [f"p{i}" for i in range(49)], [np.nan] + list(range(49))):
+        with pytest.raises(ValueError, match="missing label .* at position 0"):
+            M.roc_auc_ci(y, s1, clusters=bad)
+    # mixed label types are compared as text
+    assert M.design_effect([1.0, 0.0, 1.0], [1, "1", 2]) == M.design_effect([1.0, 0.0, 1.0], [1, 1, 2])
 
 
 def test_clustered_auc_interval_keeps_coverage_where_delongs_does_not():

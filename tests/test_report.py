@@ -309,6 +309,11 @@ def test_rows_with_patients_get_clustered_intervals_and_tests(tmp_path):
     assert f"come from 40 patients, some with several pairs" in text and "Durkalski" in text
 
 
+def test_rows_without_a_patient_count_as_patients_of_their_own():
+    p = report.patients({"patient": np.asarray(["a", "", None, float("nan"), "a"], dtype=object)})
+    assert p[0] == p[4] == "a" and len(set(p.tolist())) == 4
+
+
 def test_rows_with_one_pair_per_patient_keep_the_exact_intervals():
     rows = _two_model_rows_with_patients()
     rows = dict(rows, patient=np.asarray([f"x{i}" for i in range(len(rows["pair_id"]))], dtype=object))

@@ -67,6 +67,7 @@ from covidmt_jax.scoring.step import Scorer
 log = logging.getLogger("covidmt_jax.scoring")
 
 FINGERPRINT_VERSION = 3  # 3: rows carry the lung-mask QC flags
+PATIENTS_FILE = "patients.csv"  # pair_id,patient of the job's pairs (config.pairs.patients)
 
 
 # ============================================================================ fingerprint
@@ -251,11 +252,13 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
         raise no_pairs_error(source)
     check_same_pairs(source.name, ids[:n])
     patient_files = patients_lib.patient_files(cfg.pairs.get("patients", ""))
-    patient_of = (patients_lib.pair_patients(ids[:n], patients_lib.read_patient_map(patient_files),
-                                             patient_files) if patient_files else None)
+    patient_of: dict[str, str] = {}  # process 0: pair_id -> patient (pairs.patients)
     done: set = set()  # process 0: the (pair_id, model) rows that are current
 
     def plan() -> dict[str, Any]:
+        if patient_files:  # read where it is used; an error stops every process
+            patient_of.update(patients_lib.pair_patients(
+                ids[:n], patients_lib.read_patient_map(patient_files), patient_files))
         existed = check_job(workdir, fp, store.path)
         current, counts = _plan(store, source, ids, n, names, cfg.num_workers)
         done.update(current)
@@ -328,10 +331,12 @@ def score_pairs(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, q
         rows["index"] = np.asarray([position[pid] for pid in rows["pair_id"].tolist()], np.int64)
         store.compact(rows)
         rows = select(rows, rows["index"] < n)
-        if patient_of is not None:
+        if patient_files:
             rows[report.PATIENT_COLUMN] = np.asarray([patient_of[pid] for pid in rows["pair_id"].tolist()],
                                                      dtype=object)
-            write_patients(workdir / "patients.csv", patient_of)
+            write_patients(workdir / PATIENTS_FILE, patient_of)
+        else:  # a map of an earlier run would contradict this summary
+            (workdir / PATIENTS_FILE).unlink(missing_ok=True)
         summary = report.summarize(rows, names, eta=cfg.eta, conventions=conventions,
                                    thresholds={m: classifiers[m][1].threshold for m in names})
         summary["job"] = {
