@@ -553,22 +553,27 @@ def write_report(workdir: str | Path, summary: Mapping[str, Any], rows: Mapping[
               + (f" (channel: {job['channel']})" if job.get("channel") else "")
               + f"; image size {job.get('image_size')} px; Grad-CAM `{job.get('cam_method')}`, "
               f"heat-map region = CAM >= {job.get('cam_threshold')}; lungs = U-Net prob >= 0.5; "
-              f"eta = {eta}. IOL is computed at the model input resolution.", ""]
+              f"eta = {eta}. IOL is computed at the model input resolution."
+              + (" Patients: from " + ", ".join(f"`{Path(f).name}`" for f in job["patient_files"]) + "."
+                 if job.get("patient_files") else ""), ""]
     iv = summary.get("intervals") or {}
-    L += [f"Intervals ({iv.get('level', '95 %')}): rates (PI, OLS, accuracy, sensitivity, "
-          f"specificity, error rate) with the {summary.get('ci', '')}; ROC-AUC with DeLong's "
-          "interval; paired differences (same pairs, two sides or two models) with Newcombe's "
-          "hybrid score interval, in percentage points (pp), and McNemar's exact test "
-          "(p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]), b and c the discordant counts). "
-          "Scores use the rows without an error; pairs with an error are counted below.", ""]
-    if summary.get("n_patients") is not None:
-        if "clustered" in iv.get("mcnemar", ""):
-            L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, some "
-                  "with several pairs, which are not independent: rates use the "
-                  f"{iv.get('proportions', '')}; paired differences the {iv.get('paired_difference', '')}; "
-                  f"paired p-values the {iv.get('mcnemar', '')}; ROC-AUC the "
-                  f"{iv.get('roc_auc', '')}.", ""]
-        else:
+    errors_note = "Scores use the rows without an error; pairs with an error are counted below."
+    if summary.get("n_patients") is not None and "clustered" in iv.get("mcnemar", ""):
+        L += [f"Intervals ({iv.get('level', '95 %')}): the {summary['n_pairs']} pairs come from "
+              f"{summary['n_patients']} patients, some with several pairs, which are not "
+              "independent. Rates (PI, OLS, accuracy, sensitivity, specificity) use the "
+              f"{iv.get('proportions', '')}; the error rate the plain binomial interval over the rows; "
+              f"ROC-AUC the {iv.get('roc_auc', '')}; paired differences (same pairs, two sides or two "
+              f"models) the {iv.get('paired_difference', '')}; paired p-values the "
+              f"{iv.get('mcnemar', '')}. {errors_note}", ""]
+    else:
+        L += [f"Intervals ({iv.get('level', '95 %')}): rates (PI, OLS, accuracy, sensitivity, "
+              f"specificity, error rate) with the {summary.get('ci', '')}; ROC-AUC with DeLong's "
+              "interval; paired differences (same pairs, two sides or two models) with Newcombe's "
+              "hybrid score interval, in percentage points (pp), and McNemar's exact test "
+              "(p = min(1, 2 P[Binom(b + c, 1/2) <= min(b, c)]), b and c the discordant counts). "
+              f"{errors_note}", ""]
+        if summary.get("n_patients") is not None:
             L += [f"The {summary['n_pairs']} pairs come from {summary['n_patients']} patients, one pair "
                   "each: the intervals above hold as they are.", ""]
     L += ["## Prediction instability (cf. Table 2)", ""]

@@ -138,7 +138,8 @@ def test_scoring_job_clusters_by_patient_and_adds_patients_later(exported, tmp_p
     want = metrics.clustered_binomial_ci(flips, [patient[r["pair_id"]] for r in rows])
     pi = summary["models"]["resnet18"]["pi"]
     assert (pi["score"], pi["lo"], pi["hi"]) == pytest.approx(tuple(100 * v for v in want), nan_ok=True)
-    assert "come from 3 patients" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "come from 3 patients, some with several pairs" in text and "Patients: from `patients.csv`" in text
     assert json.loads((out / "summary.json").read_text())["n_patients"] == 3
     # a pair without a patient stops the job before anything is scored or written
     short = _write(tmp_path / "short.csv", "path,patient\n" + "".join(f"{n},p\n" for n in names[1:]))
