@@ -45,7 +45,7 @@ def test_versions_with_and_without_a_source_column_combine(tmp_path):
     assert m == {"a.png": "cohen/5", "b.png": "cohen/5", "z.png": "9",  # 9: two sources, left as it is
                  "y.png": "rsna/9", "x.png": "sirm/9"}
     clash = _write(tmp_path / "clash.txt", "6 a.png positive cohen\n")
-    with pytest.raises(DataError, match=r"clash.txt: line 1: 'a.png' is patient cohen/'6' here but cohen/'5'"):
+    with pytest.raises(DataError, match=r"clash.txt: line 1: 'a.png' is patient 'cohen/6' here but 'cohen/5'"):
         P.read_patient_map([v8, clash])
 
 

@@ -120,6 +120,11 @@ def _is_csv(path: Path) -> bool:
     return name.endswith(".csv") or name.endswith(".csv.gz")
 
 
+def _label(e: _Entry, source: str = "") -> str:
+    src = e.source or source
+    return f"{src}/{e.patient}" if src else e.patient
+
+
 def _resolve(entries: Sequence[_Entry]) -> dict[str, tuple[str, str]]:
     """``{key: (patient label, where)}``; DataError where one file has two patients."""
     groups: dict[str, list[_Entry]] = defaultdict(list)
@@ -133,10 +138,9 @@ def _resolve(entries: Sequence[_Entry]) -> dict[str, tuple[str, str]]:
         for a in cov[1:]:
             b = cov[0]
             if a.patient != b.patient or (a.source and b.source and a.source != b.source):
-                raise DataError(a.where.rsplit(":", 1)[0],
-                                f"line {a.where.rsplit(':', 1)[1]}: {key!r} is patient "
-                                f"{a.source + '/' if a.source else ''}{a.patient!r} here but "
-                                f"{b.source + '/' if b.source else ''}{b.patient!r} at {b.where}")
+                file, line = a.where.rsplit(":", 1)
+                raise DataError(file, f"line {line}: {key!r} is patient {_label(a)!r} here but "
+                                      f"{_label(b)!r} at {b.where}")
         src = next((e.source for e in cov if e.source), "")
         if cov:
             source_of[key] = src
@@ -149,9 +153,8 @@ def _resolve(entries: Sequence[_Entry]) -> dict[str, tuple[str, str]]:
             if e.source is None:
                 label = e.patient
             else:
-                src = source_of[key] or (next(iter(sources_of_id[e.patient]))
-                                         if len(sources_of_id[e.patient]) == 1 else "")
-                label = f"{src}/{e.patient}" if src else e.patient
+                ids_sources = sources_of_id[e.patient]
+                label = _label(e, source_of[key] or (next(iter(ids_sources)) if len(ids_sources) == 1 else ""))
             if first is None:
                 first = (label, e.where)
             elif label != first[0]:
