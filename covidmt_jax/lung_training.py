@@ -571,6 +571,58 @@ def conventions_figure(data_root: str | Path, out: str | Path, *, n: int = 4, sp
     return out
 
 
+def worst_films_figure(data_root: str | Path, out: str | Path, *, set_name: str = "quex_covid_fields",
+                       split: str = "val", n: int = 3, segmenters: Mapping[str, Any] | None = None) -> Path:
+    """PNG of the ``n`` films of ``set_name`` / ``split`` with the lowest Dice of the segmenter of
+    the set's convention: per film, the reference (white) and that segmenter's prediction
+    (cyan for fields, orange for anatomical) with the film's Dice, and the other convention's
+    prediction dashed, to judge where the disagreement lies. The PNG's "Description" text
+    lists the films shown as ``id=dice``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from covidmt_jax.data.images import load_grey, load_mask
+    from covidmt_jax.data.splits import set_folders
+    from covidmt_jax.lungs import lung_segmenter
+    from covidmt_jax.metrics import dice
+    folders = set_folders(data_root)
+    if set_name not in folders:
+        raise ValueError(f"set {set_name!r} not under {data_root}; sets: {sorted(folders)}")
+    src = LungSetSource(folders[set_name], split=split)
+    if not len(src):
+        raise ValueError(f"set {set_name!r} has no {split} films")
+    recs = [src[i] for i in range(len(src))]
+    own = recs[0]["meta"]["convention"]
+    segs = segmenters or {c: lung_segmenter(c) for c in CONVENTIONS}
+    greys = [load_grey(r["image"], name=r["id"]) for r in recs]
+    refs = [load_mask(r["mask"], name=r["id"]) for r in recs]
+    probs = {c: seg.lung_masks(greys) for c, seg in segs.items()}
+    d = np.array([float(dice(probs[own][k][None] >= 0.5, refs[k][None])[0]) for k in range(len(recs))])
+    worst = np.argsort(d, kind="stable")[:n]
+    colours = {"fields": "cyan", "anatomical": "orange"}
+    fig, axes = plt.subplots(1, len(worst), figsize=(3.0 * len(worst), 3.4), squeeze=False)
+    for j, k in enumerate(worst):
+        ax = axes[0, j]
+        ax.imshow(greys[k], cmap="gray", vmin=0, vmax=1)
+        ax.contour(refs[k].astype(float), levels=[0.5], colors="white", linewidths=1.2)
+        for c, p in probs.items():
+            ax.contour((p[k] >= 0.5).astype(float), levels=[0.5], colors=colours[c],
+                       linewidths=1.0, linestyles="solid" if c == own else "dashed")
+        ax.set_title(f"{recs[k]['id']}: Dice {d[k]:.3f}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"{set_name} {split}: the {len(worst)} lowest-Dice films of {len(recs)} (mean {d.mean():.3f}); "
+                 f"reference white, {own} prediction solid, other convention dashed", fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    # the films shown, for a reader of the file (PNG text chunk "Description")
+    fig.savefig(out, dpi=80, metadata={"Description": " ".join(f"{recs[k]['id']}={d[k]:.4f}" for k in worst)})
+    plt.close(fig)
+    return out
+
+
+FIGURES = {"conventions": conventions_figure, "worst": worst_films_figure}
+
+
 def load_config(spec: str):
     """``path/to/config.py[:k=v,...]`` -> the ConfigDict its ``get_config(arg)`` returns."""
     import importlib.util
@@ -603,6 +655,13 @@ def main(argv=None):
     sp.add_argument("--convention", default="",
                     help="export this convention's head of each multi-head member first (fields | anatomical)")
     sp.add_argument("--out", required=True, help="export directory of the averaged model")
+    fg = sub.add_parser("figure", help="PNG: both conventions on films annotated both ways, or a set's worst films")
+    fg.add_argument("kind", choices=sorted(FIGURES))
+    fg.add_argument("--root", default="../shared/data")
+    fg.add_argument("--split", default="val", choices=("train", "val", "test"))
+    fg.add_argument("--n", type=int, default=0, help="films shown (default 4 conventions, 3 worst)")
+    fg.add_argument("--set", default="quex_covid_fields", help="(worst) the lung set")
+    fg.add_argument("--out", required=True, help="PNG file")
     argv = list(argv) if argv is not None else None
     import sys
     args_in = sys.argv[1:] if argv is None else argv
@@ -610,7 +669,7 @@ def main(argv=None):
         args_in = ["train"] + args_in
     a = p.parse_args(args_in)
     if a.cmd is None:
-        p.error("a command is needed: train (or --config ... --workdir ...), evaluate or soup")
+        p.error("a command is needed: train (or --config ... --workdir ...), evaluate, soup or figure")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.cmd == "evaluate":
         from covidmt_jax.lungs import lung_segmenter
@@ -624,6 +683,12 @@ def main(argv=None):
         for tag, g in res["groups"].items():
             print(f"{tag:45s} " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in g.items()))
+        return
+    if a.cmd == "figure":
+        kw = {"split": a.split, **({"n": a.n} if a.n > 0 else {})}
+        if a.kind == "worst":
+            kw["set_name"] = a.set
+        print(FIGURES[a.kind](a.root, a.out, **kw))
         return
     if a.cmd == "soup":
         print(soup(list(filter(None, a.members.split(","))), a.out, convention=a.convention or None))

@@ -454,3 +454,28 @@ def test_evaluate_reports_dice_with_a_patient_clustered_interval(shared_data):
     g = res["groups"]["v7_covid_anatomical"]
     assert "dice_mean" not in g and g["n"] >= 3
     assert all(0.0 <= r["dice_fields_vs_ref"] <= 1.0 for r in res["rows"])
+
+
+def test_figures_of_both_conventions_and_of_a_sets_worst_films(shared_data, tmp_path, capsys):
+    """``lung_training figure``: the worst films of a set are the lowest-Dice ones of
+    ``evaluate``; the conventions figure draws films annotated both ways; bad names are errors."""
+    from covidmt_jax import lung_training as LT
+    if not (shared_data / "lungs_diseased" / "quex_covid_fields").is_dir():
+        pytest.skip("lungs_diseased sets absent")
+    segs = {c: lung_segmenter(c) for c in ("fields", "anatomical")}
+    out = LT.worst_films_figure(shared_data, tmp_path / "worst.png", n=2, segmenters=segs)
+    assert Image.open(out).size[0] > Image.open(out).size[1] > 100
+    rows = LT.evaluate({"fields": segs["fields"]}, shared_data, split="val", channel=None,
+                       sets=("quex_covid_fields",))["rows"]
+    worst = sorted(rows, key=lambda r: r["dice"])[:2]
+    assert worst[0]["dice"] < 0.9  # the set's hardest film (documented in the README)
+    shown = dict(item.split("=") for item in Image.open(out).info["Description"].split())
+    assert list(shown) == [r["id"] for r in worst]
+    assert [float(v) for v in shown.values()] == pytest.approx([r["dice"] for r in worst], abs=1e-4)
+    out = LT.conventions_figure(shared_data, tmp_path / "conv.png", n=1, segmenters=segs)
+    assert Image.open(out).size[1] > 100
+    with pytest.raises(ValueError, match="set 'nope' not under"):
+        LT.worst_films_figure(shared_data, tmp_path / "x.png", set_name="nope", segmenters=segs)
+    with pytest.raises(SystemExit):
+        LT.main(["figure", "nonsense", "--out", str(tmp_path / "y.png")])
+    assert "invalid choice" in capsys.readouterr().err
