@@ -136,6 +136,9 @@ def build_model(cfg: ml_collections.ConfigDict, tasks) -> nnx.Module:
                                     skip_head=True)
         log.info("ImageNet init from %s: %d tensors loaded, head skipped (%d)",
                  cfg.init.torch_weights, len(report["loaded"]), len(report["skipped"]))
+    else:
+        log.info("no ImageNet weights (config.init.torch_weights is empty): parameters start "
+                 "random unless a checkpoint is restored; the paper starts from ImageNet weights")
     return model
 
 

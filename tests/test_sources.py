@@ -154,6 +154,43 @@ def test_nih_real_counts(shared_data):
     assert all((r["boxes"] >= 0).all() and (r["boxes"] <= 1).all() for r in boxed)
 
 
+def test_nih_task_set_with_the_papers_normal_count(shared_data):
+    """The paper's NIH task set: images with one of the four findings, plus a fixed
+    pseudo-random subset of the "No Finding" ones (Table 1: 5,000 + 800)."""
+    entry = shared_data / "labels/nih/Data_Entry_2017_v2020.csv.gz"
+    src = NIHSource(data_entry=entry, drop_unlabelled=True, max_normal=5800)
+    y = np.stack([r["labels"] for r in src])
+    assert y.sum(0).tolist() == [19894, 13317, 11559, 6331, 5800]  # every finding image kept
+    assert len(src) == 45136 and y.any(1).all()
+    normals = {r["id"] for r in src if r["labels"][4]}
+    fewer = NIHSource(data_entry=entry, drop_unlabelled=True, max_normal=100)
+    assert {r["id"] for r in fewer if r["labels"][4]} < normals  # the same order: nested subsets
+    with pytest.raises(ValueError, match="max_normal needs a 'Normal'"):
+        NIHSource(data_entry=entry, label_names=("Nodule",), max_normal=10)
+
+
+def test_covidx3_train_and_validation_lists_share_no_patient_or_file(shared_data):
+    tr = parse_covidx(shared_data / "labels/covidx/train_COVIDx3.txt")
+    va = parse_covidx(shared_data / "labels/covidx/test_COVIDx3.txt")
+    assert not {r.patient_id for r in tr} & {r.patient_id for r in va}
+    assert not {r.filename for r in tr} & {r.filename for r in va}
+    assert Counter(r.cls for r in va) == {"normal": 100, "pneumonia": 100, "COVID-19": 100}
+
+
+def test_paper_data_config_uses_both_covidx3_lists_and_the_nih_task_set():
+    from covidmt_jax import config_lib
+    c = config_lib.base_config()
+    config_lib.paper_data(c, "/data")
+    tr, va = c.data.train, c.data.val
+    assert tr.covidx.kwargs.label_file == "/data/covidx/train_COVIDx3.txt" and tr.covidx.holdout == 0
+    assert va.covidx.kwargs.label_file == "/data/covidx/test_COVIDx3.txt" and va.covidx.holdout == 0
+    assert va.covidx.kwargs.image_dir == "/data/covidx/test" and tr.covidx.kwargs.upsample_covid
+    assert tr.nih.kwargs.to_dict() == va.nih.kwargs.to_dict()
+    assert tr.nih.kwargs.drop_unlabelled and tr.nih.kwargs.max_normal == 5800
+    assert (tr.nih.holdout, tr.nih.holdout_part, va.nih.holdout_part) == (0.125, "keep", "hold")
+    assert (tr.rsna.holdout_part, va.rsna.holdout_part) == ("keep", "hold")
+
+
 def test_nih_64px_extract_with_path_column(shared_data):
     src = NIHSource(data_entry=shared_data / "nih_64px/labels_Data_Entry_2017_v2020_rows.csv",
                     label_names=("Effusion", "Infiltration", "No Finding"))
