@@ -58,7 +58,7 @@ def get_config(arg=None):
     c.pairs.quality = int(opts.get("quality", 0))
     c.pairs.qualities = tuple(int(q) for q in opts["qualities"].split("+")) if opts.get("qualities") else ()
     c.pairs.limit = int(opts.get("limit", -1))
-    c.pairs.patients = ",".join(opts["patients"].split("+")) if opts.get("patients") else ""
+    c.pairs.patients = opts.get("patients", "").replace("+", ",")
     c.image_size = int(opts.get("size", 512))
     c.batch_size = int(opts.get("batch", 16))
     return c

@@ -40,7 +40,7 @@ def get_config(arg=None):
     c.image_size = int(opts.get("size", 512))
     c.batch_size = int(opts.get("batch", 16))
     c.output.format = opts.get("format", "csv")
-    c.pairs.patients = ",".join(opts["patients"].split("+")) if opts.get("patients") else ""
+    c.pairs.patients = opts.get("patients", "").replace("+", ",")
     return c
 
 

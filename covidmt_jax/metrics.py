@@ -361,7 +361,7 @@ def classification_report(labels, probs, threshold: float = 0.5, *, alpha: float
     c = confusion(labels, p, threshold)
     n_pos, n_neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
     _cluster_index(clusters, len(p), "classification_report")
-    auc, auc_lo, auc_hi = roc_auc_ci(labels, p, alpha, clusters if has_repeats(clusters) else None)
+    auc, auc_lo, auc_hi = roc_auc_ci(labels, p, alpha, clusters)
     if has_repeats(clusters):
         y, d = _labels_and_decisions(labels, p, threshold, "classification_report")
         cl = np.asarray(clusters)

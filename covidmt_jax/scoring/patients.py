@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Mapping, Sequence
 
@@ -197,9 +197,7 @@ def pair_patients(pair_ids: Sequence[str], patients: PatientMap,
     patients, or two pairs of that name."""
     where = ", ".join(str(f) for f in files) or "the patient files"
     keys = {pid: _key(pid) for pid in pair_ids}
-    name_count: dict[str, int] = defaultdict(int)
-    for k in keys.values():
-        name_count[_base(k)] += 1
+    name_count = Counter(_base(k) for k in keys.values())
     out: dict[str, str] = {}
     missing = []
     for pid, key in keys.items():

@@ -14,7 +14,6 @@ coordinates, finding ``Infiltrate`` = ``Infiltration``) is optional.
 from __future__ import annotations
 
 import hashlib
-
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +227,7 @@ class NIHSource(Source):
             rows = [by_name[w] for w in wanted if w in by_name]
 
         if max_normal >= 0:
-            normal_cols = [i for i, c in enumerate(cols) if c == NO_FINDING]
-            if not normal_cols:
+            if NO_FINDING not in cols:
                 raise ValueError(f"max_normal needs a 'Normal' / 'No Finding' label column; label_names "
                                  f"are {self.label_names}")
             normals = [r for r in rows if not r.findings]
